@@ -90,7 +90,7 @@ class ArchConfig:
     heads: int = 12
     refiner_layers: int = 2  # bidirectional blocks over the LLM tokens
     resampler_layers: int = 2  # blocks in which the N queries cross-attend to the tokens
-    mlp_ratio: float = 4.0
+    mlp_ratio: float = 2.0  # 2, not 4: keeps the adapter under 10% of a 0.5B LLM's forward at 77 tokens (bench/adapter_overhead.py)
     fusion: str = "all"  # "all": learned softmax over the L+1 layers; "last": last layer only (ablation)
     per_layer_norm: bool = True  # RMS-normalise each layer's states before fusing
     dropout: float = 0.0
