@@ -1,0 +1,112 @@
+"""The objects that travel on the LLMDIFF_LLM and LLMDIFF_ADAPTER wires, each held in a ModelPatcher.
+
+A ModelPatcher is how ComfyUI accounts for memory: `load_models_gpu` moves a model to its load
+device when it is needed and offloads it again when the UNet (or anything else) wants the space.
+Both handles are made on the offload device and loaded only when the text encode node runs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+import comfy.model_management as mm
+import comfy.model_patcher
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class ModuleHolder(torch.nn.Module):
+    """A plain container around a module we hand to ModelPatcher.
+
+    ModelPatcher records the model's current device by assigning `model.device`; transformers'
+    models expose `device` as a read-only property, so the assignment would raise. Holding the
+    model one level down keeps ComfyUI's bookkeeping on an object that accepts it.
+    """
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.inner = inner
+
+
+def make_patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
+    """Wrap `module` so ComfyUI can load it on the text-encoder device and offload it under pressure."""
+    holder = ModuleHolder(module)
+    return comfy.model_patcher.ModelPatcher(
+        holder, load_device=mm.text_encoder_device(), offload_device=mm.text_encoder_offload_device()
+    )
+
+
+def choose_llm_dtype(choice: str, device: torch.device) -> torch.dtype:
+    """The LLM's dtype for the `dtype` widget.
+
+    `auto`: fp32 on a CPU; on an accelerator, ComfyUI's own text-encoder choice (its
+    --fp16-text-enc / --bf16-text-enc / --fp32-text-enc flags included). An fp8 choice cannot
+    run a transformers model directly, so it becomes fp16 (or bf16 where fp16 is unsupported).
+    fp16 on a CPU fails inside many kernels, so it is replaced by fp32 with a warning.
+    """
+    if choice not in ("auto", *DTYPES):
+        raise ValueError(f"dtype must be one of auto, bf16, fp16, fp32; got {choice!r}")
+    on_cpu = mm.is_device_cpu(device)
+    if choice == "auto":
+        if on_cpu:
+            return torch.float32
+        dtype = mm.text_encoder_dtype(device)
+        if dtype not in DTYPES.values():
+            dtype = torch.float16 if mm.should_use_fp16(device) else torch.bfloat16
+        return dtype
+    dtype = DTYPES[choice]
+    if on_cpu and dtype == torch.float16:
+        log.warning("fp16 does not run on a CPU; loading the LLM in fp32 instead (pick bf16 to halve its memory).")
+        return torch.float32
+    return dtype
+
+
+def file_identity(path: str) -> str:
+    """Path + size + modification time: changes whenever the file is replaced, cheap to compute."""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+@dataclass
+class LLMHandle:
+    """What LLMDIFF_LLM carries: the loaded LLM (adapter.LoadedLLM), its patcher and identity."""
+
+    loaded: Any  # adapter.LoadedLLM: .model, .tokenizer, .info (LLMInfo), .device, .dtype
+    patcher: comfy.model_patcher.ModelPatcher
+    name: str  # folder name as picked in the node
+    identity: str  # folder + dtype + config.json stamp: the encode cache's key for "which LLM"
+
+    @property
+    def info(self):
+        return self.loaded.info
+
+
+@dataclass
+class AdapterHandle:
+    """What LLMDIFF_ADAPTER carries: the adapter module (with .config), its patcher and identity."""
+
+    module: torch.nn.Module  # adapter.LLMDiffAdapter
+    patcher: comfy.model_patcher.ModelPatcher
+    name: str
+    identity: str  # file identity: covers the template too, which lives in the file
+
+    @property
+    def config(self):
+        return self.module.config
+
+
+def load_for_encoding(llm: LLMHandle, adapter: AdapterHandle) -> None:
+    """Ask ComfyUI to put both models on their load device (offloading others if it must)."""
+    mm.load_models_gpu([llm.patcher, adapter.patcher], force_full_load=True)
+    # ModelPatcher moved the weights; keep LoadedLLM's own record in step so inputs follow them.
+    if hasattr(llm.loaded, "device"):
+        try:
+            llm.loaded.device = llm.patcher.load_device
+        except AttributeError:  # a read-only property already follows the weights
+            pass

@@ -1,0 +1,243 @@
+"""Session fixtures for the end-to-end tests: real ComfyUI servers with random full-size weights.
+
+Fixtures (function-scoped handles onto session-long servers; see support/comfyui.py for the server API):
+
+    comfy_sd15       SD1.5 server + our models; skips (with the reason) if the tiny LLMs or the
+                     adapter CLI are not usable yet
+    comfy_sd15_core  the same server, without requiring our models (core-node tests)
+    comfy_sd2        SD2 (768-v) server + our models;   comfy_sd2_core without requiring them
+    comfy_sdxl       SDXL server (--cache-none) + our models; comfy_sdxl_core without requiring them
+    our_models_error the reason our models could not be made ("" when they were)
+
+Model names, exactly as ComfyUI lists them on every server (the node tests and workflows use these):
+    unet/        sd15_unet_random.safetensors | sd2_unet_random.safetensors | sdxl_unet_random.safetensors
+    vae/         sd_vae_random.safetensors (sd15, sd2) | sdxl_vae_random.safetensors
+    clip/        clip_l_random.safetensors                      (sd15 server)
+    controlnet/  sd15_controlnet_random.safetensors             (sd15 server)
+    LLM/         tiny-qwen2, tiny-llama, broken-half-copied (tiny-qwen2's config and tokenizer, no weights)
+    llm_adapters/ tiny-qwen2-sd15.safetensors, tiny-qwen2-sd2.safetensors, tiny-qwen2-sdxl.safetensors,
+                  tiny-llama-sd15.safetensors (an adapter for a DIFFERENT LLM: the mismatch test),
+                  broken-truncated.safetensors (first half of a real adapter file),
+                  broken-pickle.safetensors (a torch.save pickle wearing a .safetensors name)
+
+Only one server runs at a time: on a shared 24 GiB machine the SDXL server alone peaks near 16 GB, so
+acquiring one kind stops the others (they restart on demand), and collection runs the SD1.5 tests
+first, then SD2, then SDXL, so each server starts once. The SDXL fixture skips, naming the numbers,
+when the machine has less than SDXL_MIN_FREE_GIB available.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from support.comfyui import ComfyServer, repo_root
+from support import weights as weights_mod
+
+log = logging.getLogger(__name__)
+
+SDXL_MIN_FREE_GIB = 17
+_ORDER = {"comfy_sd15": 0, "comfy_sd15_core": 0, "comfy_sd2": 1, "comfy_sd2_core": 1, "comfy_sdxl": 2, "comfy_sdxl_core": 2}
+TIMINGS: dict[str, float] = {}  # fixture build wall times, reported at the end of the session
+PEAKS: dict[str, int | None] = {}  # server peak RSS in MB, reported at the end of the session
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Mark every test here e2e, and group them by server so each server starts once per session."""
+    e2e_dir = Path(__file__).parent
+    for item in items:
+        if e2e_dir in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.e2e)
+
+    def rank(item):
+        used = [r for name, r in _ORDER.items() if name in getattr(item, "fixturenames", ())]
+        return max(used) if used else -1
+
+    items.sort(key=rank)  # stable: keeps file order inside each group
+
+
+def _timed(label: str):
+    class _Timer:
+        def __enter__(self):
+            self.start = time.monotonic()
+
+        def __exit__(self, *exc):
+            TIMINGS[label] = round(time.monotonic() - self.start, 1)
+            log.info("%s took %.1f s", label, TIMINGS[label])
+    return _Timer()
+
+
+def _mem_available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return 0.0
+
+
+# --- our models: tiny LLMs and adapters made by the real CLI -------------------------------------------
+
+def _adapter_init(llm: Path, target: str, out: Path) -> None:
+    cmd = [sys.executable, "-m", "adapter", "init", "--llm", str(llm), "--target", target, "--out", str(out)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo_root())] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    proc = subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+
+
+@pytest.fixture(scope="session")
+def _our_models(tmp_path_factory):
+    """(LLM folders, adapter files, error): built once per session; errors become skips, not failures."""
+    folder = tmp_path_factory.mktemp("our_models")
+    llms, adapters = {}, {}
+    try:
+        with _timed("our models (tiny LLMs + adapter init)"):
+            from support.tiny_models import make_tiny_llm  # lazy: written in parallel by another engineer
+
+            llms["tiny-qwen2"] = make_tiny_llm(family="qwen2")
+            llms["tiny-llama"] = make_tiny_llm(family="llama")
+            half = folder / "broken-half-copied"
+            shutil.copytree(llms["tiny-qwen2"], half, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+            llms["broken-half-copied"] = half
+            for target in ("sd15", "sd2", "sdxl"):
+                out = folder / f"tiny-qwen2-{target}.safetensors"
+                _adapter_init(llms["tiny-qwen2"], target, out)
+                adapters[out.name] = out
+            out = folder / "tiny-llama-sd15.safetensors"
+            _adapter_init(llms["tiny-llama"], "sd15", out)
+            adapters[out.name] = out
+            data = (folder / "tiny-qwen2-sd15.safetensors").read_bytes()
+            (folder / "broken-truncated.safetensors").write_bytes(data[: len(data) // 2])
+            adapters["broken-truncated.safetensors"] = folder / "broken-truncated.safetensors"
+            adapters["broken-pickle.safetensors"] = _pickle_file(folder / "broken-pickle.safetensors")
+        return llms, adapters, ""
+    except Exception as exc:  # noqa: BLE001 - any failure here means "our models are not ready yet"
+        log.warning("our models could not be made: %s", exc)
+        return llms, adapters, f"{type(exc).__name__}: {exc}"
+
+
+def _pickle_file(path: Path) -> Path:
+    """What a user gets by renaming a .pt/.ckpt: a torch zip-pickle. Only ever written here, to check
+    that the loader refuses it; nothing in the project loads pickles."""
+    import torch
+
+    torch.save({"weight": torch.zeros(2, 2)}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def our_models_error(_our_models) -> str:
+    return _our_models[2]
+
+
+# --- servers: one at a time --------------------------------------------------------------------------
+
+class _Servers:
+    """Starts a server kind on demand and stops the others first (memory: see the module doc)."""
+
+    def __init__(self, our_models):
+        self.our_models = our_models
+        self.running: dict[str, ComfyServer] = {}
+        self.peaks: dict[str, int | None] = {}
+
+    def acquire(self, kind: str) -> ComfyServer:
+        if kind in self.running:
+            if self.running[kind].alive:
+                return self.running[kind]
+            log.warning("the %s server died; starting a new one. Its log ends:\n%s", kind, self.running[kind].log_tail())
+            self._stop(kind)
+        for other in list(self.running):
+            self._stop(other)
+        if kind == "sdxl":
+            free = _mem_available_gib()
+            if free < SDXL_MIN_FREE_GIB:
+                pytest.skip(f"the SDXL server needs ~{SDXL_MIN_FREE_GIB} GiB of available RAM (peaks near 16 GB "
+                            f"loading the UNet in fp32); this machine has {free:.1f} GiB available now")
+        with _timed(f"{kind} weights (cached after the first build)"):
+            weights = weights_mod.build(kind)
+        with _timed(f"{kind} server start"):
+            server = ComfyServer(f"e2e-{kind}", cache_none=(kind == "sdxl"))
+            self._link(server, kind, weights)
+            server.start()
+        self.running[kind] = server
+        return server
+
+    def _link(self, server: ComfyServer, kind: str, weights) -> None:
+        server.link_model("unet", weights.unet, f"{kind}_unet_random.safetensors")
+        server.link_model("vae", weights.vae, "sdxl_vae_random.safetensors" if kind == "sdxl" else "sd_vae_random.safetensors")
+        if kind == "sd15":
+            server.link_model("clip", weights.clip_l, "clip_l_random.safetensors")
+            server.link_model("controlnet", weights.controlnet, "sd15_controlnet_random.safetensors")
+        llms, adapters, _ = self.our_models
+        for name, path in llms.items():
+            server.link_model("LLM", path, name)
+        for name, path in adapters.items():
+            server.link_model("llm_adapters", path, name)
+
+    def _stop(self, kind: str) -> None:
+        server = self.running.pop(kind)
+        server.stop()
+        self.peaks[kind] = server.peak_rss_mb()
+        log.info("stopped %s server: peak RSS %s MB", kind, self.peaks[kind])
+
+    def stop_all(self) -> None:
+        for kind in list(self.running):
+            self._stop(kind)
+
+
+@pytest.fixture(scope="session")
+def _servers(_our_models):
+    servers = _Servers(_our_models)
+    yield servers
+    servers.stop_all()
+    PEAKS.update(servers.peaks)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print how long each slow fixture took and how much memory each server used (the report's numbers)."""
+    if TIMINGS or PEAKS:
+        terminalreporter.write_line(f"[e2e] fixture wall times (s): {TIMINGS}")
+        terminalreporter.write_line(f"[e2e] server peak RSS (MB): {PEAKS}")
+
+
+def _with_our_models(servers: _Servers, kind: str) -> ComfyServer:
+    error = servers.our_models[2]
+    if error:
+        pytest.skip(f"our models (tiny LLMs, adapters from `python -m adapter init`) are not available: {error}")
+    return servers.acquire(kind)
+
+
+@pytest.fixture
+def comfy_sd15(_servers) -> ComfyServer:
+    return _with_our_models(_servers, "sd15")
+
+
+@pytest.fixture
+def comfy_sd15_core(_servers) -> ComfyServer:
+    return _servers.acquire("sd15")
+
+
+@pytest.fixture
+def comfy_sd2(_servers) -> ComfyServer:
+    return _with_our_models(_servers, "sd2")
+
+
+@pytest.fixture
+def comfy_sd2_core(_servers) -> ComfyServer:
+    return _servers.acquire("sd2")
+
+
+@pytest.fixture
+def comfy_sdxl(_servers) -> ComfyServer:
+    return _with_our_models(_servers, "sdxl")
+
+
+@pytest.fixture
+def comfy_sdxl_core(_servers) -> ComfyServer:
+    return _servers.acquire("sdxl")

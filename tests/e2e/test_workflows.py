@@ -1,0 +1,189 @@
+"""Every shipped workflow, converted from the UI format the frontend saves, queued through a real ComfyUI.
+
+The shipped file is what is tested: each JSON in workflows/ is converted with ui_to_api against the
+server's /object_info; the test only swaps in the fixture's model names and shrinks the run
+(64x64, 2 steps) by editing the API graph. Checks that can fail for the right reason:
+- an image comes out of every workflow;
+- with the same seed, a different prompt gives a different image (the conditioning reaches the UNet),
+  and the first prompt run again, recomputed rather than served from ComfyUI's cache, gives the
+  identical image (the path is deterministic);
+- an instrumented run records the context the UNet's cross-attention receives and finds our
+  conditioning in it, value for value (test_unet_cross_attention_receives_our_context).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from support.comfyui import ComfyServer, repo_root
+
+WORKFLOW_DIR = repo_root() / "workflows"
+WORKFLOWS = sorted(p.stem for p in WORKFLOW_DIR.glob("*.json"))
+SERVER_OF = {"sd15": "comfy_sd15", "sd2": "comfy_sd2", "sdxl": "comfy_sdxl"}
+PROMPT_A = "a red cube on a wooden table"
+PROMPT_B = "a blue sphere floating above the sea"
+
+
+def family_of(workflow: str) -> str:
+    return workflow.split("_", 1)[0]
+
+
+def fixture_names(family: str) -> dict[str, dict[str, str]]:
+    """class_type -> {input: the e2e fixture's model name} (see tests/e2e/conftest.py)."""
+    return {
+        "UNETLoader": {"unet_name": f"{family}_unet_random.safetensors"},
+        "VAELoader": {"vae_name": "sdxl_vae_random.safetensors" if family == "sdxl" else "sd_vae_random.safetensors"},
+        "CLIPLoader": {"clip_name": "clip_l_random.safetensors"},
+        "ControlNetLoader": {"control_net_name": "sd15_controlnet_random.safetensors"},
+        "LLMDiffLoadLLM": {"llm_name": "tiny-qwen2"},
+        "LLMDiffLoadAdapter": {"adapter_name": f"tiny-qwen2-{family}.safetensors"},
+    }
+
+
+def load_api(server: ComfyServer, workflow: str) -> dict:
+    """The shipped UI workflow as an API prompt, with fixture models and a small, fast run."""
+    from support.workflow_convert import ui_to_api
+
+    ui = json.loads((WORKFLOW_DIR / f"{workflow}.json").read_text(encoding="utf-8"))
+    api = ui_to_api(ui, server.object_info())
+    family = family_of(workflow)
+    for node in api.values():
+        inputs = node["inputs"]
+        inputs.update(fixture_names(family).get(node["class_type"], {}))
+        if node["class_type"] in ("EmptyLatentImage", "EmptyImage"):
+            inputs.update(width=64, height=64)
+        elif node["class_type"] == "ConditioningSetArea":
+            inputs.update(width=32, height=64, x=0, y=0)
+        elif node["class_type"] in ("KSampler", "KSamplerAdvanced"):
+            inputs.update(steps=2)
+    return api
+
+
+def nodes_of(api: dict, class_type: str) -> list[str]:
+    return [node_id for node_id, node in api.items() if node["class_type"] == class_type]
+
+
+def set_prompt(api: dict, text: str) -> dict:
+    """Every non-empty LLM Diff Text Encode prompt becomes `text` (the empty negatives stay empty)."""
+    for node_id in nodes_of(api, "LLMDiffTextEncode"):
+        if api[node_id]["inputs"]["text"]:
+            api[node_id]["inputs"]["text"] = text
+    return api
+
+
+def pixels(result) -> np.ndarray:
+    assert result.ok, result.error_text
+    assert result.images, "the workflow produced no image"
+    return np.stack([np.asarray(img, dtype=np.int16) for img in result.images])
+
+
+@pytest.fixture
+def server(request):
+    workflow = request.getfixturevalue("workflow")
+    return request.getfixturevalue(SERVER_OF[family_of(workflow)])
+
+
+def test_all_workflows_are_shipped():
+    assert set(WORKFLOWS) >= {"sd15_adapter", "sd15_adapter_clip_concat", "sdxl_adapter", "sd2_adapter", "sd15_adapter_controlnet_area"}
+
+
+@pytest.mark.parametrize("workflow", WORKFLOWS)
+def test_workflow_runs_and_the_prompt_steers_the_image(server, workflow):
+    api = load_api(server, workflow)
+    assert nodes_of(api, "LLMDiffTextEncode") and nodes_of(api, "LLMDiffLoadLLM")
+    first = server.run(set_prompt(api, PROMPT_A), timeout=600)
+    image_a = pixels(first)
+    image_b = pixels(server.run(set_prompt(api, PROMPT_B), timeout=600))
+    again = server.run(set_prompt(api, PROMPT_A), timeout=600)
+    image_a2 = pixels(again)
+    sampler = nodes_of(api, "KSampler")[0]
+    assert sampler not in again.cached_nodes, "the repeat was served from ComfyUI's cache, so it proves nothing"
+    assert np.abs(image_a - image_b).max() > 0, "two different prompts gave the same image with the same seed"
+    assert np.array_equal(image_a, image_a2), "the same prompt and seed gave a different image"
+
+
+# --- instrumented run ----------------------------------------------------------------------------
+# A test-only node, installed only in a server started for this test: it patches the UNet's
+# cross-attention (attn2) to save the first context it receives, and saves the CONDITIONING our
+# node produced, so the test can compare them tensor for tensor.
+PROBE_NODE = '''
+import os
+import folder_paths
+from safetensors.torch import save_file
+
+
+class LLMDiffProbe:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",)}}
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "probe"
+    CATEGORY = "testing"
+
+    def probe(self, model, positive, negative):
+        out_dir = os.path.join(folder_paths.get_output_directory(), "probe")
+        os.makedirs(out_dir, exist_ok=True)
+        save_file({"positive": positive[0][0].contiguous(), "negative": negative[0][0].contiguous()},
+                  os.path.join(out_dir, "conditioning.safetensors"))
+        patched = model.clone()
+        seen = []
+
+        def record(q, context, value, extra_options):
+            if not seen:
+                seen.append(True)
+                save_file({"context": context.detach().float().cpu().contiguous()}, os.path.join(out_dir, "attn2_context.safetensors"))
+            return q, context, value
+
+        patched.set_model_attn2_patch(record)
+        return (patched,)
+
+
+NODE_CLASS_MAPPINGS = {"LLMDiffProbe": LLMDiffProbe}
+'''
+
+
+def test_unet_cross_attention_receives_our_context(comfy_sd15, _servers, tmp_path):
+    from safetensors.torch import load_file
+
+    api = set_prompt(load_api(comfy_sd15, "sd15_adapter"), PROMPT_A)
+    links = {name: (comfy_sd15.models_dir / folder / name).resolve() for folder, name in [
+        ("unet", "sd15_unet_random.safetensors"), ("vae", "sd_vae_random.safetensors")]}
+    llm = (comfy_sd15.models_dir / "LLM" / "tiny-qwen2").resolve()
+    adapter = (comfy_sd15.models_dir / "llm_adapters" / "tiny-qwen2-sd15.safetensors").resolve()
+    _servers.stop_all()  # one big server at a time on a shared machine
+    probe = ComfyServer("e2e-probe")
+    (probe.base_dir / "custom_nodes" / "llmdiff_probe.py").write_text(PROBE_NODE)
+    with probe:
+        probe.link_model("unet", links["sd15_unet_random.safetensors"], "sd15_unet_random.safetensors")
+        probe.link_model("vae", links["sd_vae_random.safetensors"], "sd_vae_random.safetensors")
+        probe.link_model("LLM", llm, "tiny-qwen2")
+        probe.link_model("llm_adapters", adapter, "tiny-qwen2-sd15.safetensors")
+        probe.start()
+        sampler = nodes_of(api, "KSampler")[0]
+        positive, negative = api[sampler]["inputs"]["positive"], api[sampler]["inputs"]["negative"]
+        api["probe"] = {"class_type": "LLMDiffProbe", "inputs": {"model": api[sampler]["inputs"]["model"], "positive": positive, "negative": negative}}
+        api[sampler]["inputs"]["model"] = ["probe", 0]
+        result = probe.run(api, timeout=600)
+        assert result.ok, result.error_text
+        saved = load_file(probe.output_dir / "probe" / "conditioning.safetensors")
+        context = load_file(probe.output_dir / "probe" / "attn2_context.safetensors")["context"]
+    ours = saved["positive"][0]
+    assert saved["positive"].shape == (1, 77, 768) and context.shape[1:] == (77, 768)
+    # CFG runs positive and negative in one UNet call: each of our tensors is one row of the batch.
+    rows = [row for row in context]
+    # Tolerance covers the UNet's compute dtype (fp16 weights are upcast on a CPU, but not everywhere).
+    close = lambda a, b: np.allclose(a.numpy(), b.numpy(), atol=1e-2, rtol=1e-2)  # noqa: E731
+    assert any(close(row, ours) for row in rows), "our positive context is not what the UNet attended to"
+    assert any(close(row, saved["negative"][0]) for row in rows), "our negative context is not what the UNet attended to"
+    assert not np.allclose(ours.numpy(), saved["negative"][0].numpy())
+
+
+def test_workflows_are_listed_as_templates(comfy_sd15_core):
+    templates = comfy_sd15_core.get_json("/workflow_templates")
+    listed = next((names for pack, names in templates.items() if pack.lower().startswith("comfyui-llm-diff")), None)
+    assert listed is not None, f"the pack is missing from /workflow_templates: {sorted(templates)}"
+    assert set(WORKFLOWS) <= {Path(name).stem for name in listed}

@@ -1,0 +1,49 @@
+"""The node schemas are the public contract of every saved workflow: ids, input names and order."""
+import pytest
+
+from test_nodes_pack import node_classes
+
+# ComfyUI stores widget values by position: this order may only ever grow at the end.
+CONTRACT = {
+    "LLMDiffLoadLLM": ("Load LLM (decoder-only)", ["llm_name", "dtype"], [], ["LLMDIFF_LLM"]),
+    "LLMDiffLoadAdapter": ("Load LLM Diff Adapter", ["adapter_name"], [], ["LLMDIFF_ADAPTER"]),
+    "LLMDiffTextEncode": (
+        "LLM Diff Text Encode",
+        ["llm", "adapter", "text"],
+        ["clip", "clip_mode", "llm_strength", "clip_strength", "pooled_blend",
+         "width", "height", "crop_w", "crop_h", "target_width", "target_height"],
+        ["CONDITIONING", "STRING"],
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def infos():
+    """What GET /object_info serves for each node (ComfyUI builds it from the V3 schema this way)."""
+    return {node_id: cls.GET_SCHEMA().get_v1_info(cls) for node_id, cls in node_classes().items()}
+
+
+@pytest.mark.parametrize("node_id", sorted(CONTRACT))
+def test_ids_names_order_and_outputs(infos, node_id):
+    display, required, optional, outputs = CONTRACT[node_id]
+    info = infos[node_id]
+    assert info.display_name == display
+    assert list(info.input["required"]) == required
+    assert list(info.input.get("optional", {})) == optional
+    assert list(info.output) == outputs
+
+
+@pytest.mark.parametrize("node_id", sorted(CONTRACT))
+def test_every_input_has_a_tooltip(infos, node_id):
+    inputs = {**infos[node_id].input["required"], **infos[node_id].input.get("optional", {})}
+    missing = [name for name, (_type, options) in inputs.items() if not options.get("tooltip")]
+    assert not missing
+
+
+def test_rare_knobs_are_advanced_and_options_fixed(infos):
+    encode = infos["LLMDiffTextEncode"].input
+    advanced = {name for name, (_t, opts) in encode["optional"].items() if opts.get("advanced")}
+    assert advanced == {"pooled_blend", "width", "height", "crop_w", "crop_h", "target_width", "target_height"}
+    assert encode["optional"]["clip_mode"][1]["options"] == ["none", "concat"]
+    assert encode["required"]["text"][1]["multiline"] is True
+    assert infos["LLMDiffLoadLLM"].input["required"]["dtype"][1]["options"] == ["auto", "bf16", "fp16", "fp32"]
