@@ -1,0 +1,143 @@
+"""Training checkpoints: everything needed to continue bit-exactly, in safetensors and JSON (never pickle).
+
+Layout of `<output_dir>/checkpoints/step-00000100/`:
+    trainable.safetensors   the trained parameters (adapter, UNet LoRA, learned loss weighting)
+    ema.safetensors         the adapter's EMA weights (when EMA is on)
+    optimizer.safetensors   the optimizer's tensors; its other state sits in the file's metadata
+    state.json              step, data position, counters, the resolved config, the adapter config
+    COMPLETE                the sentinel, written last
+
+A checkpoint is written into a hidden temporary folder, the sentinel goes in last, and only then is
+the folder renamed into place, so `latest()` never returns a half-written checkpoint, whatever
+moment the job dies at. Randomness needs no saved RNG state: the trainer draws each step's noise,
+timesteps and dropout from a generator seeded by (seed, step, rank).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+log = logging.getLogger(__name__)
+
+SENTINEL = "COMPLETE"
+_NAME = re.compile(r"^step-(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, incomplete or does not fit this run."""
+
+
+def checkpoints_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / "checkpoints"
+
+
+def complete_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Finished checkpoints, oldest first."""
+    folder = checkpoints_dir(output_dir)
+    if not folder.is_dir():
+        return []
+    found = [p for p in folder.iterdir() if _NAME.match(p.name) and (p / SENTINEL).is_file()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest(output_dir: str | Path) -> Optional[Path]:
+    done = complete_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def resolve_resume(resume: str, output_dir: str | Path) -> Optional[Path]:
+    """'' -> None; 'latest' -> the newest complete checkpoint or None; a path -> that checkpoint (checked)."""
+    if not resume:
+        return None
+    if resume == "latest":
+        return latest(output_dir)
+    path = Path(resume)
+    if not (path / SENTINEL).is_file():
+        raise CheckpointError(f"--resume {resume}: not a complete checkpoint folder (no {SENTINEL} file); "
+                              f"use --resume latest or one of {[str(p) for p in complete_checkpoints(output_dir)]}")
+    return path
+
+
+def _optimizer_to_tensors(state: dict) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for pid, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{pid}.{name}"] = value.detach().to("cpu").contiguous()
+            else:
+                scalars[f"{pid}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for flat, value in list(tensors.items()) + list(meta["scalars"].items()):
+        pid, name = flat.split(".", 1)
+        state.setdefault(int(pid), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save(output_dir: str | Path, step: int, trainable: dict[str, torch.Tensor], ema: Optional[dict[str, torch.Tensor]],
+         optimizer_state: dict, state: dict[str, Any], keep: int) -> Path:
+    """Write a checkpoint atomically (call on the main process only), then drop all but the newest `keep`."""
+    folder = checkpoints_dir(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / f"step-{step:08d}"
+    tmp = folder / f".tmp-step-{step:08d}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if ema is not None:
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in ema.items()}, str(tmp / "ema.safetensors"))
+    opt_tensors, opt_meta = _optimizer_to_tensors(optimizer_state)
+    save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"optimizer": json.dumps(opt_meta)})
+    (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
+    _fsync_folder(tmp)
+    (tmp / SENTINEL).write_text(f"step {step}\n", encoding="utf-8")
+    if final.exists():  # re-saving the same step (e.g. the final checkpoint right after a periodic one)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _rotate(output_dir, keep)
+    log.info("checkpoint written: %s", final)
+    return final
+
+
+def load(path: Path) -> dict[str, Any]:
+    """Read a checkpoint back: {'trainable', 'ema' (or None), 'optimizer', 'state'}."""
+    if not (path / SENTINEL).is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint (no {SENTINEL})")
+    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
+        meta = json.loads(handle.metadata()["optimizer"])
+    ema_file = path / "ema.safetensors"
+    return {
+        "trainable": load_file(str(path / "trainable.safetensors")),
+        "ema": load_file(str(ema_file)) if ema_file.is_file() else None,
+        "optimizer": _optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), meta),
+        "state": json.loads((path / "state.json").read_text(encoding="utf-8")),
+    }
+
+
+def _rotate(output_dir: str | Path, keep: int) -> None:
+    folder = checkpoints_dir(output_dir)
+    for stale in folder.glob(".tmp-step-*"):  # left behind by a process that died mid-write
+        if not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    done = complete_checkpoints(output_dir)
+    for old in done[: max(0, len(done) - max(1, keep))]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush the files before the sentinel, so 'sentinel present' really means 'data on disk'."""
+    for item in folder.iterdir():
+        with open(item, "rb") as handle:
+            os.fsync(handle.fileno())

@@ -1,0 +1,576 @@
+"""Train an LLM Diff Adapter for a Stable Diffusion base model (SD1.5, SD2, SDXL) and a decoder-only LLM.
+
+One GPU:
+    python -m training.train --base-model models/sd15-diffusers --llm models/LLM/Qwen2.5-1.5B \\
+        --data datasets/my-images --output-dir outputs/qwen-sd15 --max-steps 20000 --batch-size 16 \\
+        --mixed-precision bf16
+Many GPUs or nodes (DDP; DeepSpeed / FSDP through accelerate's own config file):
+    accelerate launch --multi_gpu --num_processes 8 -m training.train --config my-run.toml
+Two processes on a CPU (what the tests do; `accelerate launch --cpu` starts only one without MPI):
+    torchrun --nproc_per_node 2 -m training.train --config my-run.toml
+A preempted job continues exactly where it stopped when rerun with the same command plus:
+    --resume latest        (starts fresh, and says so, when there is no checkpoint yet)
+
+What one step does (DESIGN.md sections 2, 4, 5):
+    latents (VAE, cached on disk) + noise at a random timestep -> x_t
+    prompt -> template -> frozen LLM -> every layer's states -> adapter -> context (+ pooled for SDXL)
+    student = UNet(x_t, t, adapter context)             -- gradients flow into the adapter (and UNet LoRA)
+    teacher = the same frozen UNet(x_t, t, its own CLIP context), only while the loss schedule needs it
+    loss = weighted epsilon-MSE + annealed, gated KL to the teacher (training/losses.py)
+The result, <output-dir>/adapter.safetensors, is exactly the file the ComfyUI nodes load; with EMA on
+(the default) it holds the EMA weights.
+
+Precedence of settings: defaults < --preset < --config < named flags < --set key=value (training/config.py).
+Test-only hooks live under [debug] (debug.inject_nan_at_step, debug.stop_after_step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from adapter import (
+    AdapterConfig,
+    AdapterError,
+    LLMDiffAdapter,
+    check_context_dim,
+    check_llm_matches,
+    encode_prompts,
+    load_adapter,
+    load_llm,
+    make_target,
+    save_adapter,
+)
+from training import checkpoint as ckpt
+from training.config import TrainConfig, TrainConfigError, format_config, resolve_config
+from training.data import Dataset, DatasetError, epoch_batches, load_pixels, scan_dataset
+from training.latent_cache import LatentCache, fill, vae_fingerprint
+from training.lora import add_unet_lora, export_comfy_lora, lora_disabled
+from training.losses import DiffusionLoss
+from training.models import BaseModel, BaseModelError, load_base_model
+
+log = logging.getLogger("training.train")
+
+DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps); the message says why and what to try."""
+
+
+# ---------------------------------------------------------------------------------------------
+# small pieces, in the order the loop uses them
+
+
+class PhaseTimer:
+    """Wall time per phase (data, llm, teacher, student, optimizer); syncs the GPU so time lands in the right phase."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.totals: dict[str, float] = defaultdict(float)
+        self.sync = enabled and device.type == "cuda"
+        self.enabled = enabled
+
+    @contextmanager
+    def __call__(self, name: str):
+        if not self.enabled:
+            yield
+            return
+        if self.sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.totals[name] += time.perf_counter() - start
+
+
+def step_generator(seed: int, step: int, rank: int) -> torch.Generator:
+    """Each step's randomness is a pure function of (seed, step, rank): resuming needs no saved RNG state."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank)
+
+
+def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
+    """Linear warmup, then constant or cosine down to 10%; a pure function of the step, so a longer
+    --max-steps on resume simply recomputes the curve over the new total."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class EMA:
+    """Exponential moving average of the adapter's weights (with the usual (1+n)/(10+n) warm-up)."""
+
+    def __init__(self, module: nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {n: p.detach().float().clone() for n, p in module.named_parameters()}
+
+    @torch.no_grad()
+    def update(self, module: nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for n, p in module.named_parameters():
+            self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
+
+    def copy_to(self, module: nn.Module) -> nn.Module:
+        with torch.no_grad():
+            for n, p in module.named_parameters():
+                p.copy_(self.shadow[n].to(p.dtype))
+        return module
+
+
+def adapter_context(adapter: nn.Module, encoded, clip_context: Optional[torch.Tensor]):
+    """LLM states -> (context [B, N(+77), C], pooled or None): the adapter's conditioning, followed by the frozen
+    CLIP tokens when training the CLIP-concat mode (the order LLMDiffTextEncode's `concat` uses: adapter
+    tokens first, then CLIP's). Shared by the training step and the validation sampler."""
+    out = adapter(encoded.hidden_states, encoded.attention_mask)
+    context = out.context
+    if clip_context is not None:
+        context = torch.cat([context, clip_context.to(context.dtype)], dim=1)
+    return context, out.pooled
+
+
+class Student(nn.Module):
+    """Everything trained (adapter, UNet LoRA, learned loss weighting) and the forward that trains it;
+    the one module accelerate wraps in DDP. The frozen LLM, VAE and text encoders are held outside
+    the module tree, so DDP neither broadcasts nor tracks them."""
+
+    def __init__(self, adapter: LLMDiffAdapter, base: BaseModel, llm, loss_fn: DiffusionLoss, cfg: TrainConfig,
+                 timer: PhaseTimer, template):
+        super().__init__()
+        self.adapter = adapter
+        self.loss_fn = loss_fn
+        if cfg.lora.enabled:  # the UNet joins the module tree only when it has trainable (LoRA) weights
+            self.unet = base.unet
+        self.frozen = (base, llm)  # a tuple: not registered as submodules
+        self.cfg, self.timer, self.template = cfg, timer, template
+
+    def forward(self, latents, noise, timesteps, prompts, sizes, step: int, total_steps: int, inject_nan: bool):
+        base, llm = self.frozen
+        x_t = base.scheduler.add_noise(latents, noise, timesteps)
+        need_teacher = self.loss_fn.needs_teacher(step, total_steps)
+        clip_context = clip_pooled = teacher_eps = None
+        with self.timer("teacher"):
+            if need_teacher or self.cfg.model.concat_clip:
+                clip_context, clip_pooled = base.encode_clip(prompts, latents.device)
+            if need_teacher:
+                with torch.no_grad(), lora_disabled(base.unet):
+                    teacher_eps = base.predict_eps(x_t, timesteps, clip_context, clip_pooled, sizes)
+        with self.timer("llm"):
+            with torch.no_grad():
+                encoded = encode_prompts(llm, self.template, prompts)
+        with self.timer("student"):
+            context, pooled = adapter_context(self.adapter, encoded, clip_context if self.cfg.model.concat_clip else None)
+            student_eps = base.predict_eps(x_t, timesteps, context, pooled, sizes)
+            if inject_nan:  # test-only hook (debug.inject_nan_at_step): poison the first sample
+                student_eps = student_eps.clone()
+                student_eps[0] = float("nan")
+            loss, logs = self.loss_fn(noise, student_eps, teacher_eps, timesteps, step, total_steps)
+        return loss, logs
+
+
+# ---------------------------------------------------------------------------------------------
+# setup: models, adapter, data, latent cache (all before any multi-process communication)
+
+
+def build_adapter(cfg: TrainConfig, llm, base: BaseModel) -> LLMDiffAdapter:
+    """Fresh adapter for this LLM and base (what `python -m adapter init` makes), or --init-adapter checked to fit."""
+    if cfg.model.init_adapter:
+        adapter = load_adapter(cfg.model.init_adapter)
+        config = adapter.config
+        check_llm_matches(config, llm.info)
+        where = f"the base model {base.name} ({base.family})"
+        check_context_dim(config, base.context_dim, base.pooled_dim if base.family == "sdxl" else None, where)
+        if config.concat_clip != cfg.model.concat_clip:
+            raise AdapterError(
+                f"--init-adapter {cfg.model.init_adapter} was trained with concat_clip={config.concat_clip} but this run "
+                f"has concat_clip={cfg.model.concat_clip}: pass --concat-clip accordingly")
+        log.info("fine-tuning %s; its own arch and template govern ([arch]/[template] settings are ignored)", cfg.model.init_adapter)
+    else:
+        torch.manual_seed(cfg.seed)  # the fresh adapter's initial weights are part of the run's seed
+        target = make_target(base.family, num_tokens=cfg.model.num_tokens, context_dim=base.context_dim,
+                             pooled_dim=base.pooled_dim)
+        config = AdapterConfig(llm=llm.info, target=target, template=dataclasses.replace(cfg.template),
+                               arch=dataclasses.replace(cfg.arch), concat_clip=cfg.model.concat_clip)
+        adapter = LLMDiffAdapter(config)
+    adapter.set_attention_backend(cfg.model.attention_backend)
+    return adapter.float().train()
+
+
+def cache_latents(cfg: TrainConfig, dataset: Dataset, base: BaseModel, rank: int, world: int,
+                  device) -> tuple[LatentCache, list[str]]:
+    """The pre-step: this process encodes every world-th image. No collective runs here, by design."""
+    folder = Path(cfg.data.latent_cache_dir or Path(cfg.output_dir) / "latent_cache")
+    cache = LatentCache(folder, vae_fingerprint(base.vae))
+    mine = list(range(rank, len(dataset.samples), world))
+    _, failed = fill(dataset, cache, base.encode_images, mine, device)
+    return cache, failed
+
+
+def without(dataset: Dataset, bad_names: list[str]) -> Dataset:
+    """The dataset minus samples that failed to decode (named in `bad_names` as 'name: reason')."""
+    bad = {b.split(": unreadable", 1)[0] for b in bad_names}
+    keep = [i for i, s in enumerate(dataset.samples) if s.name not in bad]
+    if not keep:
+        raise DatasetError(f"every image in {dataset.name} failed to decode: {'; '.join(bad_names[:10])}")
+    return Dataset([dataset.samples[i] for i in keep], dataset.buckets, [dataset.bucket_of[i] for i in keep],
+                   dataset.name, dataset.skipped + bad_names)
+
+
+def load_batch(dataset: Dataset, indices: list[int], keys: Optional[dict[int, str]], cache: Optional[LatentCache],
+               base: BaseModel, device) -> tuple[torch.Tensor, torch.Tensor, list[str], list[str]]:
+    """Latents [B, 4, h, w], sizes [B, 6], captions, names; from the latent cache or through the VAE."""
+    if cache is not None:
+        entries = [cache.get(keys[i]) for i in indices]
+        latents = torch.stack([e["latent"] for e in entries]).to(device)
+        sizes = torch.stack([e["sizes"] for e in entries]).to(device)
+    else:
+        pixels, sizes = zip(*(load_pixels(dataset.samples[i], dataset.buckets[dataset.bucket_of[i]]) for i in indices))
+        latents = base.encode_images(torch.stack(pixels).to(device)).float()
+        sizes = torch.stack(sizes).to(device)
+    samples = [dataset.samples[i] for i in indices]
+    return latents, sizes, [s.caption for s in samples], [s.name for s in samples]
+
+
+# ---------------------------------------------------------------------------------------------
+# validation images
+
+
+@torch.no_grad()
+def validation_images(base: BaseModel, adapter: nn.Module, llm, cfg: TrainConfig, size: tuple[int, int], device):
+    """Sample the fixed validation prompts with DDIM and classifier-free guidance against the empty prompt."""
+    from diffusers import DDIMScheduler
+    from PIL import Image
+
+    prompts = cfg.validation.prompts
+    n = len(prompts)
+    scheduler = DDIMScheduler.from_config(base.scheduler.config, prediction_type="epsilon")  # we predict eps
+    scheduler.set_timesteps(cfg.validation.steps)
+    all_prompts = list(prompts) + [""] * n
+    clip_context = base.encode_clip(all_prompts, device)[0] if cfg.model.concat_clip else None
+    context, pooled = adapter_context(adapter, encode_prompts(llm, adapter.config.template, all_prompts), clip_context)
+    width, height = size
+    factor = base.vae_factor
+    gen = torch.Generator().manual_seed(cfg.validation.seed)
+    latents = torch.randn(n, base.unet.config.in_channels, height // factor, width // factor, generator=gen).to(device)
+    latents = latents * scheduler.init_noise_sigma
+    sizes = torch.tensor([[height, width, 0, 0, height, width]] * (2 * n), device=device, dtype=torch.float32)
+    unet_dtype = base.unet.dtype
+    for t in scheduler.timesteps:
+        x = torch.cat([latents, latents]).to(unet_dtype)
+        eps = base.predict_eps(x, t.expand(2 * n).to(device), context.to(unet_dtype),
+                               None if pooled is None else pooled.to(unet_dtype), sizes).float()
+        cond, uncond = eps.chunk(2)
+        latents = scheduler.step(uncond + cfg.validation.guidance * (cond - uncond), t, latents).prev_sample
+    pixels = base.decode_latents(latents).float().clamp(-1, 1)
+    arrays = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(a) for a in arrays]
+
+
+# ---------------------------------------------------------------------------------------------
+# the run
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        cfg, args = resolve_config(argv)
+    except TrainConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"%(asctime)s [rank {rank}] %(levelname)s %(name)s: %(message)s")
+    if rank == 0:
+        print("resolved config:\n" + format_config(cfg), flush=True)
+    if args.print_config:
+        return 0
+    try:
+        return train(cfg, rank, world, local_rank)
+    except (AdapterError, BaseModelError, DatasetError, TrainConfigError, ckpt.CheckpointError, TrainingStopped) as err:
+        log.error("%s", err)
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 1
+
+
+def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    weight_dtype = DTYPES[cfg.mixed_precision] if device.type == "cuda" else torch.float32
+    out_dir = Path(cfg.output_dir)
+    resume_from = ckpt.resolve_resume(cfg.resume, out_dir)
+    if cfg.resume == "latest" and resume_from is None and rank == 0:
+        print(f"--resume latest: no checkpoint in {ckpt.checkpoints_dir(out_dir)} yet, starting fresh", flush=True)
+
+    # 1. Models, and whether they fit together: before any data work or training.
+    base = load_base_model(cfg.model.base_model, cfg.model.base_model_config, cfg.model.family, device, weight_dtype)
+    if not cfg.model.llm:
+        raise TrainConfigError("no LLM given: pass --llm <Hugging Face-format LLM folder>")
+    llm_dtype = weight_dtype if cfg.model.llm_dtype == "auto" else DTYPES[cfg.model.llm_dtype]
+    llm = load_llm(cfg.model.llm, dtype=llm_dtype, device=device)
+    adapter = build_adapter(cfg, llm, base).to(device)
+    template = adapter.config.template
+    if cfg.model.attention_backend == "xformers":
+        base.unet.enable_xformers_memory_efficient_attention()
+    if cfg.gradient_checkpointing:
+        base.unet.enable_gradient_checkpointing()
+    lora_params = add_unet_lora(base.unet, cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules) if cfg.lora.enabled else []
+    loss_fn = DiffusionLoss(cfg.loss, base.alphas_cumprod).to(device)
+
+    # 2. Data, and the latent cache in a step of its own (each process its share, no communication yet).
+    dataset = scan_dataset(cfg.data.path, cfg.data.resolution, cfg.data.bucket_step, cfg.data.max_aspect, cfg.data.buckets,
+                           cfg.data.name, cfg.data.image_column, cfg.data.caption_column)
+    if any((w % base.vae_factor) or (h % base.vae_factor) for w, h in dataset.buckets):
+        raise TrainConfigError(f"bucket sides {dataset.buckets} must be multiples of the VAE factor {base.vae_factor}")
+    cache = None
+    if cfg.data.cache_latents:
+        cache, _ = cache_latents(cfg, dataset, base, rank, world, device)
+
+    # 3. Multi-process communication starts here.
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if device.type == "cuda" else "no",
+                              cpu=device.type == "cpu", kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
+    is_main = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    keys = None
+    if cache is not None:  # every entry is on disk now; encode locally whatever another node's disk holds
+        keys, failed = fill(dataset, cache, base.encode_images, list(range(len(dataset.samples))), device)
+        if failed:
+            log.warning("skipped %d image(s) that failed to decode: %s", len(failed), "; ".join(failed[:20]))
+            dataset = without(dataset, failed)
+            keys, _ = fill(dataset, cache, base.encode_images, list(range(len(dataset.samples))), device)
+
+    timer = PhaseTimer(device, cfg.time_phases)
+    student = Student(adapter, base, llm, loss_fn, cfg, timer, template)
+    groups = [{"params": list(adapter.parameters()), "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "name": "adapter"}]
+    if lora_params:
+        groups.append({"params": lora_params, "lr": cfg.lora.lr, "weight_decay": 0.0, "name": "unet_lora"})
+    if loss_fn.learned is not None:
+        groups.append({"params": list(loss_fn.learned.parameters()), "lr": cfg.optim.learned_weighting_lr,
+                       "weight_decay": 0.0, "name": "learned_weighting"})
+    base_lrs = [g["lr"] for g in groups]
+    optimizer = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    student, optimizer = accelerator.prepare(student, optimizer)
+    raw = accelerator.unwrap_model(student)
+    trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
+    ema = EMA(raw.adapter, cfg.ema_decay) if cfg.ema_decay > 0 else None
+
+    # 4. Resume.
+    step, epoch, position, nonfinite = 0, 0, 0, 0
+    if resume_from is not None:
+        saved = ckpt.load(resume_from)
+        if set(saved["trainable"]) != set(trainable):
+            raise ckpt.CheckpointError(
+                f"{resume_from} holds other trainable weights than this run builds (missing "
+                f"{sorted(set(trainable) - set(saved['trainable']))[:5]}, extra {sorted(set(saved['trainable']) - set(trainable))[:5]}): "
+                "resume with the settings it was written with (its state.json has the config)")
+        with torch.no_grad():
+            for n, p in trainable.items():
+                p.copy_(saved["trainable"][n].to(p.dtype))
+        if ema is not None and saved["ema"] is not None:
+            ema.shadow = {n: t.to(device) for n, t in saved["ema"].items()}
+        optimizer.load_state_dict(saved["optimizer"])
+        state = saved["state"]
+        step, epoch, position, nonfinite = state["step"], state["data_epoch"], state["data_position"], state["nonfinite_steps"]
+        if is_main:
+            print(f"resuming from {resume_from} at step {step} of {cfg.max_steps}", flush=True)
+    total = cfg.max_steps
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out_dir / "logs"))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
+    batches = epoch_batches(dataset.bucket_of, cfg.batch_size, cfg.seed, epoch, accelerator.process_index, accelerator.num_processes)
+    step_times: list[float] = []  # wall seconds per step
+    step_cpu_times: list[float] = []  # CPU seconds of this process per step (robust to other load on a shared CPU)
+    run_start = time.perf_counter()
+
+    def save_checkpoint(at_step: int) -> None:
+        accelerator.wait_for_everyone()
+        if is_main:
+            state = {"step": at_step, "data_epoch": epoch, "data_position": position, "nonfinite_steps": nonfinite,
+                     "config": cfg.to_dict(), "adapter_config": raw.adapter.config.to_dict()}
+            ckpt.save(out_dir, at_step, trainable, ema.shadow if ema else None, optimizer.state_dict(), state,
+                      cfg.checkpoints_keep)
+        accelerator.wait_for_everyone()
+
+    # 5. The loop.
+    while step < total:
+        t_step, cpu_step = time.perf_counter(), time.process_time()
+        with timer("data"):
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                batches = epoch_batches(dataset.bucket_of, cfg.batch_size, cfg.seed, epoch, accelerator.process_index,
+                                        accelerator.num_processes)
+            latents, sizes, captions, names = load_batch(dataset, batches[position], keys, cache, base, device)
+            position += 1
+            gen = step_generator(cfg.seed, step, accelerator.process_index)
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # adapter dropout, if any
+            noise = torch.randn(latents.shape, generator=gen).to(device)
+            timesteps = torch.randint(0, loss_fn.data_weights.numel(), (latents.shape[0],), generator=gen).to(device)
+            drop = (torch.rand(latents.shape[0], generator=gen) < cfg.data.caption_dropout).tolist()
+            prompts = ["" if d else c for d, c in zip(drop, captions)]  # "" = the template's empty-prompt conditioning
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule)
+
+        loss, logs = student(latents, noise, timesteps, prompts, sizes, step, total, step in cfg.debug.inject_nan_at_step)
+        with timer("student"):
+            accelerator.backward(loss)
+        with timer("optimizer"):
+            grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), cfg.optim.grad_clip or float("inf"))
+            # Every rank must reach the same verdict, and a NaN loss can still give finite gradients (a NaN
+            # sample's slot may receive no gradient), so check the losses of all ranks and the all-reduced norm.
+            losses = accelerator.gather(loss.detach().float().reshape(1))
+            finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                if ema is not None:
+                    ema.update(raw.adapter, step)
+            optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            nonfinite += 1
+            per_sample = raw.loss_fn.last_per_sample
+            bad = [n for n, v in zip(names, per_sample.tolist()) if not math.isfinite(v)] if per_sample is not None else []
+            log.warning("step %d: non-finite loss/gradient, step skipped (%d of at most %d); samples with a non-finite "
+                        "loss on rank %d: %s", step, nonfinite, cfg.max_nonfinite_steps, accelerator.process_index,
+                        bad or "none here (another rank's batch)")
+            if nonfinite > cfg.max_nonfinite_steps:
+                raise TrainingStopped(
+                    f"stopping at step {step}: {nonfinite} steps had a non-finite loss or gradient (limit "
+                    f"max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower optim.lr, prefer bf16 over fp16, or "
+                    "check the samples named in the warnings above.")
+        step += 1
+        step_times.append(time.perf_counter() - t_step)
+        step_cpu_times.append(time.process_time() - cpu_step)
+
+        mean_loss = float(losses.mean())  # averaged over processes
+        if is_main:
+            bar.set_postfix(loss=f"{mean_loss:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                for key, value in logs.items():
+                    writer.add_scalar(key, value, step)
+                writer.add_scalar("loss/mean_over_ranks", mean_loss, step)
+                writer.add_scalar("grad_norm", float(grad_norm), step)
+                writer.add_scalar("it_per_s", 1 / max(step_times[-1], 1e-9), step)
+                writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)
+                if raw.adapter.layer_logits is not None:
+                    weights = torch.softmax(raw.adapter.layer_logits.detach().float(), 0)
+                    writer.add_scalar("adapter/layer_weight_max", float(weights.max()), step)
+        if is_main and cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0:
+            run_validation(cfg, base, raw.adapter, llm, dataset, device, writer, step)
+        if step % cfg.checkpoint_every == 0 or step == total or step == cfg.debug.stop_after_step:
+            save_checkpoint(step)
+        if step == cfg.debug.stop_after_step:
+            log.warning("debug.stop_after_step=%d reached: exiting as if preempted", step)
+            bar.close()
+            accelerator.wait_for_everyone()
+            accelerator.end_training()
+            return 3
+    bar.close()
+    if not step_times and is_main:
+        print(f"{resume_from} is already at max_steps={total}: nothing to train, exporting", flush=True)
+
+    # 6. Export exactly the file the nodes load, plus the timing summary.
+    accelerator.wait_for_everyone()
+    if is_main:
+        if cfg.validation.prompts and not (cfg.validation.every and step % cfg.validation.every == 0):
+            run_validation(cfg, base, raw.adapter, llm, dataset, device, writer, step)  # the final images
+        export(cfg, raw, ema, base, dataset, step, out_dir)
+        write_timings(timer, step_times, step_cpu_times, time.perf_counter() - run_start, out_dir)
+        writer.close()
+        if dataset.skipped:
+            print(f"skipped {len(dataset.skipped)} sample(s): " + "; ".join(dataset.skipped[:20]), flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # a clean distributed teardown (torchrun aborts at exit without it)
+    return 0
+
+
+def run_validation(cfg, base, adapter, llm, dataset, device, writer, step) -> None:
+    adapter.eval()
+    size = dataset.buckets[dataset.bucket_of[0]]
+    images = validation_images(base, adapter, llm, cfg, size, device)
+    adapter.train()
+    folder = Path(cfg.output_dir) / "validation" / f"step-{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, image in enumerate(images):
+        image.save(folder / f"{i:02d}.png")
+        if writer is not None:
+            import numpy as np
+
+            writer.add_image(f"validation/{i:02d}", np.asarray(image), step, dataformats="HWC")
+
+
+def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, dataset: Dataset, step: int, out_dir: Path) -> None:
+    """<output_dir>/adapter.safetensors (EMA weights when EMA is on) with the run's provenance in its metadata."""
+    import copy
+
+    adapter = copy.deepcopy(raw.adapter).eval()
+    if ema is not None:
+        ema.copy_to(adapter)
+    lora_file = ""
+    if cfg.lora.enabled:
+        lora_file = "unet_lora.safetensors"
+        tmp = out_dir / f".{lora_file}.tmp"
+        export_comfy_lora(base.unet, cfg.lora.alpha, tmp, {"base_model": base.name, "steps": str(step)})
+        os.replace(tmp, out_dir / lora_file)
+    training = {
+        "steps": step,
+        "loss": dataclasses.asdict(cfg.loss),
+        "dataset": dataset.name,
+        "dataset_samples": len(dataset.samples),
+        "base_model": base.name,
+        "base_family": base.family,
+        "prediction_type": base.prediction_type,
+        "weights": "ema" if ema is not None else "raw",
+        "ema_decay": cfg.ema_decay,
+        "unet_lora": lora_file,
+        "init_adapter": Path(cfg.model.init_adapter).name if cfg.model.init_adapter else "",
+        "resolved_config": cfg.to_dict(),
+    }
+    config = dataclasses.replace(adapter.config, training=training)
+    path = save_adapter(out_dir / "adapter.safetensors", adapter, config)
+    print(f"adapter written: {path} ({'EMA' if ema is not None else 'raw'} weights, {step} steps)"
+          + (f"; UNet LoRA for ComfyUI's LoraLoader: {out_dir / lora_file}" if lora_file else ""), flush=True)
+
+
+def write_timings(timer: PhaseTimer, step_times: list[float], step_cpu_times: list[float], wall: float, out_dir: Path) -> None:
+    """Print the per-phase summary and keep it as JSON (bench/trainer_overhead.py reads it)."""
+    steps = len(step_times)
+    phases = dict(timer.totals)
+    import resource
+
+    peak = {"cpu_max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["gpu_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    summary = {"steps": steps, "wall_s": wall, "phases_s": phases, "step_times_s": step_times,
+               "step_cpu_times_s": step_cpu_times, "peak_memory": peak}
+    (out_dir / "timings.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    if steps:
+        lines = [f"  {name:<10}{secs:9.2f} s  {1000 * secs / steps:9.1f} ms/step" for name, secs in sorted(phases.items())]
+        other = sum(step_times) - sum(phases.values())
+        lines.append(f"  {'other':<10}{other:9.2f} s  {1000 * other / steps:9.1f} ms/step")
+        print(f"time per phase over {steps} steps:\n" + "\n".join(lines) + f"\npeak memory: {peak}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
