@@ -59,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--heads", type=int, default=arch.heads, help=f"attention heads (default {arch.heads})")
     init.add_argument("--refiner-layers", type=int, default=arch.refiner_layers,
                       help=f"bidirectional refiner blocks (default {arch.refiner_layers})")
+    init.add_argument("--timestep-aware", action="store_true",
+                      help="modulate the resampler by the diffusion timestep (use with the Apply LLM Diff Adapter node)")
+    init.add_argument("--timestep-blocks", type=int, default=arch.timestep_blocks,
+                      help=f"how many of the last resampler blocks the timestep modulates (default {arch.timestep_blocks})")
     init.add_argument("--resampler-layers", type=int, default=arch.resampler_layers,
                       help=f"resampler blocks (default {arch.resampler_layers})")
     init.add_argument("--seed", type=int, default=0, help="random seed for the initial weights (default 0)")
@@ -131,7 +135,8 @@ def cmd_init(args) -> int:
     template = TemplateConfig(use_chat_template=not args.no_chat_template, system_prompt=args.system_prompt,
                               instruction=args.instruction, max_tokens=args.max_tokens)
     arch = ArchConfig(width=args.width, heads=args.heads, refiner_layers=args.refiner_layers,
-                      resampler_layers=args.resampler_layers, fusion=args.fusion)
+                      resampler_layers=args.resampler_layers, fusion=args.fusion,
+                      timestep_aware=args.timestep_aware, timestep_blocks=args.timestep_blocks)
     template.validate()
     arch.validate()
     config = AdapterConfig(llm=llm_info_from_folder(args.llm), target=target, template=template, arch=arch)
@@ -151,6 +156,8 @@ def cmd_init(args) -> int:
 
 
 def describe(path: Path, adapter, file_version: str) -> str:
+    from .model import FALLBACK_TIMESTEP
+
     """The config, readably, one aspect per line."""
     c = adapter.config
     llm, target, arch, template = c.llm, c.target, c.arch, c.template
@@ -165,6 +172,8 @@ def describe(path: Path, adapter, file_version: str) -> str:
         f"arch:        width {arch.width}, {arch.heads} heads, {arch.refiner_layers} refiner + {arch.resampler_layers} "
         f"resampler blocks, mlp x{arch.mlp_ratio:g}, fusion {arch.fusion}, per-layer norm "
         f"{'on' if arch.per_layer_norm else 'off'}, dropout {arch.dropout:g}",
+        f"timestep:    " + (f"aware (last {arch.timestep_blocks} resampler block(s) modulated; without a timestep it uses "
+                            f"the fixed fallback t = {FALLBACK_TIMESTEP:g})" if arch.timestep_aware else "static"),
         f"template:    chat template {'on' if template.use_chat_template else 'off'}, "
         f"system prompt {template.system_prompt!r}, instruction {template.instruction!r}, "
         f"max {template.max_tokens} tokens, truncation at the {template.truncation}",

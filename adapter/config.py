@@ -94,7 +94,14 @@ class ArchConfig:
     fusion: str = "all"  # "all": learned softmax over the L+1 layers; "last": last layer only (ablation)
     per_layer_norm: bool = True  # RMS-normalise each layer's states before fusing
     dropout: float = 0.0
-    timestep_aware: bool = False  # reserved for the timestep-aware mode (a later format addition)
+    # Timestep-aware mode (issue 6): the diffusion timestep modulates the resampler blocks (adaLN, equal to
+    # the static adapter at init). Files with false load exactly as before this mode existed.
+    timestep_aware: bool = False
+    # How many of the LAST resampler blocks the timestep modulates (timestep-aware mode only). The blocks
+    # before them do not depend on t, so they run once per prompt (LLMDiffAdapter.encode_states) and only
+    # these run at every UNet call: 1 keeps that per-step cost under 1% of an SD1.5 UNet call in FLOPs at
+    # default width (bench/timestep_overhead.py); resampler_layers modulates every block, as ELLA does.
+    timestep_blocks: int = 1
 
     def validate(self) -> None:
         if self.fusion not in ("all", "last"):
@@ -103,6 +110,11 @@ class ArchConfig:
             raise ConfigError(f"arch.width ({self.width}) must be divisible by arch.heads ({self.heads})")
         if self.refiner_layers < 0 or self.resampler_layers < 1:
             raise ConfigError("arch.refiner_layers must be >= 0 and arch.resampler_layers >= 1")
+        if self.timestep_aware and not 1 <= self.timestep_blocks <= self.resampler_layers:
+            raise ConfigError(
+                f"arch.timestep_blocks ({self.timestep_blocks}) must be between 1 and arch.resampler_layers "
+                f"({self.resampler_layers}): it counts the resampler blocks the timestep modulates"
+            )
 
 
 @dataclass

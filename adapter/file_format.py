@@ -69,12 +69,16 @@ def read_header(path: PathLike) -> dict[str, Any]:
         raise AdapterFileError(f"adapter file not found: {path}")
     size = path.stat().st_size
     with open(path, "rb") as f:  # plain bytes: nothing here interprets the content as code
-        start = f.read(8)
-        if start[:1] == b"\x80" or start[:4] == b"PK\x03\x04":
+        start = f.read(9)
+        # A safetensors header is JSON, so byte 8 is "{". Check that first: the length field's low byte
+        # may itself be 0x80 (a header of 128 + 256k bytes), which alone would look like a pickle.
+        if start[8:9] != b"{" and (start[:1] == b"\x80" or start[:4] == b"PK\x03\x04"):
             raise AdapterFileError(
                 f"{path} is a pickle/PyTorch file; adapters must be .safetensors "
                 "(pickle files can run code when opened, so this pack never opens them)"
             )
+        start = start[:8]
+        f.seek(8)
         if len(start) < 8:
             raise AdapterFileError(f"{path} is only {size} bytes: not a safetensors file (truncated download?)")
         (header_len,) = struct.unpack("<Q", start)

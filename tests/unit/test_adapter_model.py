@@ -152,12 +152,6 @@ def test_malformed_inputs_are_refused_clearly():
         adapter(random_states(), mask)
 
 
-def test_timestep_aware_is_reserved():
-    arch = ArchConfig(width=64, heads=4, timestep_aware=True)
-    with pytest.raises(ConfigError, match="timestep_aware"):
-        LLMDiffAdapter(make_config(arch=arch))
-
-
 def test_attention_backend_choice_is_checked():
     adapter = make_adapter()
     with pytest.raises(ConfigError, match="must be one of sdpa, xformers"):
