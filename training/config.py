@@ -36,7 +36,8 @@ class TrainConfigError(ValueError):
 @dataclass
 class ModelConfig:
     base_model: str = ""  # diffusers folder (SD1.5 / SD2 / SDXL) or a single-file .safetensors checkpoint
-    base_model_config: str = ""  # single file only: an inference YAML; "" = pick ComfyUI's shipped v1/v2 YAML
+    base_model_config: str = ""  # single file only: a diffusers folder of the same family, or an inference YAML
+    # ("" = ComfyUI's shipped v1/v2 YAML when the trainer runs inside a ComfyUI install); training/models.py
     llm: str = ""  # Hugging Face-format LLM folder
     init_adapter: str = ""  # fine-tune this adapter file instead of starting from a fresh module
     concat_clip: bool = False  # train the CLIP-concat mode: frozen CLIP tokens, then the adapter's
@@ -57,6 +58,9 @@ class DataConfig:
     caption_dropout: float = 0.1  # probability of training on the empty prompt (for classifier-free guidance)
     cache_latents: bool = True  # encode images with the VAE once, to disk, before training
     latent_cache_dir: str = ""  # "" = <output_dir>/latent_cache
+    cache_llm_states: bool = False  # opt-in: the frozen LLM's states per caption on disk (training/state_cache.py)
+    llm_cache_dir: str = ""  # "" = <output_dir>/llm_state_cache
+    llm_cache_max_gb: float = 50.0  # refuse to build an LLM-state cache larger than this (layers x tokens x hidden)
     caption_column: str = "text"  # metadata.jsonl key holding the caption
     image_column: str = "file_name"  # metadata.jsonl key holding the image path
 
@@ -140,6 +144,8 @@ class TrainConfig:
             raise TrainConfigError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
         if not 0.0 <= self.data.caption_dropout < 1.0:
             raise TrainConfigError(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
+        if self.data.llm_cache_max_gb <= 0:
+            raise TrainConfigError(f"data.llm_cache_max_gb must be > 0, got {self.data.llm_cache_max_gb}")
         if self.optim.schedule not in ("constant", "cosine"):
             raise TrainConfigError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
         if self.model.attention_backend not in ("sdpa", "xformers"):
@@ -265,6 +271,8 @@ NAMED_FLAGS: dict[str, tuple[str, type, str]] = {
     "--init-adapter": ("model.init_adapter", str, "fine-tune this adapter file"),
     "--checkpoint-every": ("checkpoint_every", int, "checkpoint every N steps"),
     "--mixed-precision": ("mixed_precision", str, "no | fp16 | bf16"),
+    "--base-model-config": ("model.base_model_config", str,
+                            "single-file --base-model only: a diffusers folder of the same family, or an inference YAML"),
 }
 
 

@@ -38,16 +38,13 @@ def vae_fingerprint(vae: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class LatentCache:
-    def __init__(self, folder: Path, vae_fp: str):
+class TensorStore:
+    """A folder of safetensors files, one per key (sharded by the key's first two hex digits), written
+    atomically. Shared by the latent cache and the LLM-state cache (training/state_cache.py)."""
+
+    def __init__(self, folder: Path):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.vae_fp = vae_fp
-
-    def key(self, image_bytes: bytes, bucket: tuple[int, int]) -> str:
-        digest = hashlib.sha256(image_bytes)
-        digest.update(f"|{bucket[0]}x{bucket[1]}|{self.vae_fp}".encode())
-        return digest.hexdigest()
 
     def path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.safetensors"
@@ -58,8 +55,8 @@ class LatentCache:
             return None
         try:
             return load_file(str(path))
-        except Exception as err:  # noqa: BLE001 - a damaged entry is re-encoded, not fatal
-            log.warning("latent cache entry %s is unreadable (%s); encoding the image again", path, err)
+        except Exception as err:  # noqa: BLE001 - a damaged entry is computed again, not fatal
+            log.warning("cache entry %s is unreadable (%s); computing it again", path, err)
             return None
 
     def put(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
@@ -68,6 +65,17 @@ class LatentCache:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         save_file({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}, str(tmp))
         os.replace(tmp, path)
+
+
+class LatentCache(TensorStore):
+    def __init__(self, folder: Path, vae_fp: str):
+        super().__init__(folder)
+        self.vae_fp = vae_fp
+
+    def key(self, image_bytes: bytes, bucket: tuple[int, int]) -> str:
+        digest = hashlib.sha256(image_bytes)
+        digest.update(f"|{bucket[0]}x{bucket[1]}|{self.vae_fp}".encode())
+        return digest.hexdigest()
 
 
 def fill(dataset: Dataset, cache: LatentCache, encode: Callable[[torch.Tensor], torch.Tensor], indices: list[int],

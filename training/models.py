@@ -22,7 +22,8 @@ from training.losses import v_to_epsilon
 
 log = logging.getLogger(__name__)
 
-# ComfyUI ships these inference YAMLs; diffusers' from_single_file can read them offline.
+# ComfyUI ships these inference YAMLs in models/configs/; diffusers' from_single_file reads them offline.
+# SD2 defaults to the 768-v (v-prediction) one; for the 512 epsilon base pass its v2-inference.yaml explicitly.
 COMFY_YAMLS = {"sd15": "v1-inference.yaml", "sd2": "v2-inference-v.yaml"}
 
 
@@ -123,11 +124,16 @@ def detect_family(unet_config, prediction_type: str) -> str:
 
 
 def load_base_model(path: str, yaml: str = "", family: str = "", device="cpu", dtype=torch.float32) -> BaseModel:
-    """Load a diffusers folder or a single-file checkpoint, frozen, in eval mode, on `device`."""
+    """Load a diffusers folder or a single-file checkpoint, frozen, in eval mode, on `device`.
+
+    `yaml` (model.base_model_config) is for a single file only: a diffusers folder of the same family
+    whose configs describe the checkpoint, or an inference YAML (see _load_single_file)."""
     src = Path(path)
     if not path:
         raise BaseModelError("no base model given: pass --base-model <diffusers folder or .safetensors checkpoint>")
     if src.is_dir():
+        if yaml:
+            log.warning("model.base_model_config=%s is used only with a single-file --base-model; ignored for the folder %s", yaml, src)
         pipe = _load_folder(src)
     elif src.is_file():
         pipe = _load_single_file(src, yaml)
@@ -166,34 +172,82 @@ def _load_folder(src: Path):
         return DiffusionPipeline.from_pretrained(str(src), local_files_only=True)
 
 
-def _load_single_file(src: Path, yaml: str):
-    """A ComfyUI-style single-file checkpoint, offline. diffusers needs the text encoders' Hub configs for
-    this, so it works only where they are in the local Hugging Face cache; otherwise say what to do."""
+def checkpoint_family(src: Path) -> str:
+    """sd15 | sd2 | sdxl from a single-file checkpoint's key names (its header only; no weights are read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(src), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as err:  # noqa: BLE001 - a truncated or foreign file: say so
+        raise BaseModelError(f"{src} is not a readable safetensors file ({err}); copy the checkpoint again") from None
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise BaseModelError(f"{src} is not a single-file Stable Diffusion checkpoint (no model.diffusion_model.* keys); "
+                             "pass the checkpoint ComfyUI's CheckpointLoaderSimple loads, or a diffusers folder")
+    if any(k.startswith("conditioner.embedders.") for k in keys):
+        return "sdxl"
+    if any(k.startswith("cond_stage_model.model.") for k in keys):  # OpenCLIP ViT-H text encoder
+        return "sd2"
+    if any(k.startswith("cond_stage_model.transformer.") for k in keys):  # OpenAI CLIP ViT-L
+        return "sd15"
+    raise BaseModelError(f"{src} holds a UNet but no text encoder (cond_stage_model.* / conditioner.*), which the "
+                         "teacher needs: pass the full checkpoint, or a diffusers folder")
+
+
+def _load_single_file(src: Path, config: str):
+    """A ComfyUI-style single-file checkpoint, offline, through diffusers' from_single_file.
+
+    The checkpoint holds weights only; diffusers needs each component's config besides. Offline that is
+    (a) `config` = a local diffusers folder of the same family (its model_index.json, component configs
+    and tokenizers are used, the weights come from the checkpoint), or (b) an inference YAML (`config`, or
+    ComfyUI's shipped v1/v2 YAML when we run inside a ComfyUI install) for the UNet and VAE, where diffusers
+    still takes the CLIP text encoder and tokenizer configs from the local Hugging Face cache. When neither
+    works, the error says exactly what to pass."""
     if src.suffix not in (".safetensors", ".sft"):
         raise BaseModelError(f"{src}: only .safetensors checkpoints are read (never pickled .ckpt files)")
+    family = checkpoint_family(src)
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    original = yaml or _comfy_yaml_for(src)
-    errors = []
-    for cls in (StableDiffusionPipeline, StableDiffusionXLPipeline):
-        try:
-            kwargs = {"original_config": original} if original and cls is StableDiffusionPipeline else {}
-            return cls.from_single_file(str(src), local_files_only=True, **kwargs)
-        except Exception as err:  # noqa: BLE001 - we report every attempt below
-            errors.append(f"{cls.__name__}: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
-    raise BaseModelError(
-        f"could not load the single-file checkpoint {src} offline ({'; '.join(errors)}). diffusers needs the "
-        "text encoder/tokenizer configs of the original Hub repository, which are not in the local cache. "
-        "Convert it once where the Hub is reachable (diffusers' StableDiffusionPipeline.from_single_file(...)"
-        ".save_pretrained(folder)) and pass that folder as --base-model."
-    )
-
-
-def _comfy_yaml_for(src: Path) -> str:
-    """ComfyUI's shipped v1 inference YAML when ComfyUI is importable next to us, else ''."""
+    pipeline = StableDiffusionXLPipeline if family == "sdxl" else StableDiffusionPipeline
+    fix = (f"pass --base-model-config <a diffusers folder of the same family ({family}): model_index.json, "
+           "unet/, vae/, text_encoder/, tokenizer/, scheduler/ configs; its weights are not needed> (or --set "
+           "model.base_model_config=...), or convert the checkpoint once where the Hub is reachable "
+           "(StableDiffusionPipeline.from_single_file(...).save_pretrained(folder)) and pass that folder as --base-model")
+    if config and Path(config).is_dir():
+        kwargs, how = {"config": str(config)}, f"with the diffusers config folder {config}"
+    else:
+        yaml = config or _comfy_yaml_for(family)
+        if not yaml:
+            raise BaseModelError(f"cannot load the single-file {family} checkpoint {src} offline: diffusers needs the "
+                                 f"configs of its components, and none were given or found (ComfyUI's models/configs/"
+                                 f"{COMFY_YAMLS.get(family, '<no YAML for SDXL>')} is used only inside a ComfyUI install). To fix: {fix}")
+        if not Path(yaml).is_file():
+            raise BaseModelError(f"model.base_model_config {yaml} does not exist; {fix}")
+        kwargs, how = {"original_config": str(yaml)}, f"with the inference YAML {yaml}"
     try:
-        import folder_paths  # type: ignore[import-not-found]  # only inside a ComfyUI install
-    except ImportError:
+        return pipeline.from_single_file(str(src), local_files_only=True, **kwargs)
+    except Exception as err:  # noqa: BLE001 - diffusers raises many types here; all mean the same to the user
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise BaseModelError(
+            f"could not load the single-file {family} checkpoint {src} offline {how} ({type(err).__name__}: {first}). "
+            + ("Is the config folder of the same family and size as the checkpoint? " if "config" in kwargs else
+               "An inference YAML describes the UNet and VAE only; the CLIP text encoder and tokenizer configs must "
+               "then be in the local Hugging Face cache. ")
+            + f"To fix: {fix}") from None
+
+
+def _comfy_yaml_for(family: str) -> str:
+    """ComfyUI's shipped inference YAML for `family` when the trainer runs inside a ComfyUI install, else ''."""
+    name = COMFY_YAMLS.get(family)
+    if name is None:  # ComfyUI ships no SDXL YAML
         return ""
-    candidate = Path(folder_paths.models_dir) / "configs" / COMFY_YAMLS["sd15"]
-    return str(candidate) if candidate.is_file() else ""
+    folders = []
+    try:
+        import folder_paths  # type: ignore[import-not-found]  # only importable inside a ComfyUI process
+
+        folders.append(Path(folder_paths.models_dir) / "configs")
+    except ImportError:
+        pass
+    # this repository cloned as ComfyUI/custom_nodes/<pack>/: ComfyUI's root is two levels above it
+    folders.append(Path(__file__).resolve().parents[3] / "models" / "configs")
+    return next((str(f / name) for f in folders if (f / name).is_file()), "")

@@ -59,6 +59,7 @@ from training.latent_cache import LatentCache, fill, vae_fingerprint
 from training.lora import add_unet_lora, export_comfy_lora, lora_disabled
 from training.losses import DiffusionLoss
 from training.models import BaseModel, BaseModelError, load_base_model
+from training.state_cache import StateCache, distinct_captions
 
 log = logging.getLogger("training.train")
 
@@ -133,11 +134,17 @@ class EMA:
         return module
 
 
-def adapter_context(adapter: nn.Module, encoded, clip_context: Optional[torch.Tensor]):
+def adapter_context(adapter: nn.Module, encoded, clip_context: Optional[torch.Tensor],
+                    timesteps: Optional[torch.Tensor] = None):
     """LLM states -> (context [B, N(+77), C], pooled or None): the adapter's conditioning, followed by the frozen
     CLIP tokens when training the CLIP-concat mode (the order LLMDiffTextEncode's `concat` uses: adapter
-    tokens first, then CLIP's). Shared by the training step and the validation sampler."""
-    out = adapter(encoded.hidden_states, encoded.attention_mask)
+    tokens first, then CLIP's). Shared by the training step and the validation sampler. `timesteps` [B] is
+    each sample's diffusion timestep: a timestep-aware adapter is conditioned on it, a static one ignores it."""
+    return with_clip(adapter(encoded.hidden_states, encoded.attention_mask, timesteps), clip_context)
+
+
+def with_clip(out, clip_context: Optional[torch.Tensor]):
+    """AdapterOutput -> (context, pooled), with the CLIP tokens appended in the CLIP-concat mode."""
     context = out.context
     if clip_context is not None:
         context = torch.cat([context, clip_context.to(context.dtype)], dim=1)
@@ -150,7 +157,7 @@ class Student(nn.Module):
     the module tree, so DDP neither broadcasts nor tracks them."""
 
     def __init__(self, adapter: LLMDiffAdapter, base: BaseModel, llm, loss_fn: DiffusionLoss, cfg: TrainConfig,
-                 timer: PhaseTimer, template):
+                 timer: PhaseTimer, template, llm_states: Optional[StateCache] = None):
         super().__init__()
         self.adapter = adapter
         self.loss_fn = loss_fn
@@ -158,6 +165,7 @@ class Student(nn.Module):
             self.unet = base.unet
         self.frozen = (base, llm)  # a tuple: not registered as submodules
         self.cfg, self.timer, self.template = cfg, timer, template
+        self.llm_states = llm_states  # the opt-in LLM-state cache; None = run the LLM on each step's captions
 
     def forward(self, latents, noise, timesteps, prompts, sizes, step: int, total_steps: int, inject_nan: bool):
         base, llm = self.frozen
@@ -172,9 +180,11 @@ class Student(nn.Module):
                     teacher_eps = base.predict_eps(x_t, timesteps, clip_context, clip_pooled, sizes)
         with self.timer("llm"):
             with torch.no_grad():
-                encoded = encode_prompts(llm, self.template, prompts)
+                encoded = (self.llm_states.encode(prompts) if self.llm_states is not None
+                           else encode_prompts(llm, self.template, prompts))
         with self.timer("student"):
-            context, pooled = adapter_context(self.adapter, encoded, clip_context if self.cfg.model.concat_clip else None)
+            context, pooled = adapter_context(self.adapter, encoded, clip_context if self.cfg.model.concat_clip else None,
+                                              timesteps)
             student_eps = base.predict_eps(x_t, timesteps, context, pooled, sizes)
             if inject_nan:  # test-only hook (debug.inject_nan_at_step): poison the first sample
                 student_eps = student_eps.clone()
@@ -262,7 +272,13 @@ def validation_images(base: BaseModel, adapter: nn.Module, llm, cfg: TrainConfig
     scheduler.set_timesteps(cfg.validation.steps)
     all_prompts = list(prompts) + [""] * n
     clip_context = base.encode_clip(all_prompts, device)[0] if cfg.model.concat_clip else None
-    context, pooled = adapter_context(adapter, encode_prompts(llm, adapter.config.template, all_prompts), clip_context)
+    encoded = encode_prompts(llm, adapter.config.template, all_prompts)
+    if adapter.timestep_aware:  # the context at each sampler timestep, from the t-independent part computed once
+        states = adapter.encode_states(encoded.hidden_states, encoded.attention_mask)
+        context_at = lambda t: with_clip(adapter.decode(states, encoded.attention_mask, t), clip_context)  # noqa: E731
+    else:
+        fixed = adapter_context(adapter, encoded, clip_context)
+        context_at = lambda t: fixed  # noqa: E731
     width, height = size
     factor = base.vae_factor
     gen = torch.Generator().manual_seed(cfg.validation.seed)
@@ -271,6 +287,7 @@ def validation_images(base: BaseModel, adapter: nn.Module, llm, cfg: TrainConfig
     sizes = torch.tensor([[height, width, 0, 0, height, width]] * (2 * n), device=device, dtype=torch.float32)
     unet_dtype = base.unet.dtype
     for t in scheduler.timesteps:
+        context, pooled = context_at(t)
         x = torch.cat([latents, latents]).to(unet_dtype)
         eps = base.predict_eps(x, t.expand(2 * n).to(device), context.to(unet_dtype),
                                None if pooled is None else pooled.to(unet_dtype), sizes).float()
@@ -338,6 +355,11 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
     cache = None
     if cfg.data.cache_latents:
         cache, _ = cache_latents(cfg, dataset, base, rank, world, device)
+    llm_states, captions = None, distinct_captions([s.caption for s in dataset.samples])
+    if cfg.data.cache_llm_states:  # the same pre-step for the LLM's states: every world-th caption here
+        llm_states = StateCache(Path(cfg.data.llm_cache_dir or out_dir / "llm_state_cache"), llm, template)
+        llm_states.check_budget(captions, cfg.data.llm_cache_max_gb)
+        llm_states.fill(captions[rank::world], cfg.batch_size)
 
     # 3. Multi-process communication starts here.
     from accelerate import Accelerator
@@ -354,9 +376,11 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
             log.warning("skipped %d image(s) that failed to decode: %s", len(failed), "; ".join(failed[:20]))
             dataset = without(dataset, failed)
             keys, _ = fill(dataset, cache, base.encode_images, list(range(len(dataset.samples))), device)
+    if llm_states is not None:  # as above: compute locally whatever another node's disk holds
+        llm_states.fill(captions, cfg.batch_size)
 
     timer = PhaseTimer(device, cfg.time_phases)
-    student = Student(adapter, base, llm, loss_fn, cfg, timer, template)
+    student = Student(adapter, base, llm, loss_fn, cfg, timer, template, llm_states)
     groups = [{"params": list(adapter.parameters()), "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "name": "adapter"}]
     if lora_params:
         groups.append({"params": lora_params, "lr": cfg.lora.lr, "weight_decay": 0.0, "name": "unet_lora"})
