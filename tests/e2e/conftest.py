@@ -20,6 +20,8 @@ Model names, exactly as ComfyUI lists them on every server (the node tests and w
                   broken-truncated.safetensors (first half of a real adapter file),
                   broken-pickle.safetensors (a torch.save pickle wearing a .safetensors name)
 
+The SD1.5 server also loads the test-only node LLMDiffProbe (probe_node.py).
+
 Only one server runs at a time: on a shared 24 GiB machine the SDXL server alone peaks near 16 GB, so
 acquiring one kind stops the others (they restart on demand), and collection runs the SD1.5 tests
 first, then SD2, then SDXL, so each server starts once. The SDXL fixture skips, naming the numbers,
@@ -58,6 +60,10 @@ def pytest_collection_modifyitems(config, items):
 
     def rank(item):
         used = [r for name, r in _ORDER.items() if name in getattr(item, "fixturenames", ())]
+        # test_workflows picks its server at run time from the workflow's family ("sd2_adapter" -> comfy_sd2).
+        workflow = getattr(getattr(item, "callspec", None), "params", {}).get("workflow")
+        if isinstance(workflow, str):
+            used.append(_ORDER.get(f"comfy_{workflow.split('_', 1)[0]}", -1))
         return max(used) if used else -1
 
     items.sort(key=rank)  # stable: keeps file order inside each group
@@ -163,6 +169,8 @@ class _Servers:
             weights = weights_mod.build(kind)
         with _timed(f"{kind} server start"):
             server = ComfyServer(f"e2e-{kind}", cache_none=(kind == "sdxl"))
+            if kind == "sd15":  # the test-only probe node for the instrumented cross-attention test
+                (server.base_dir / "custom_nodes" / "llmdiff_probe.py").symlink_to(Path(__file__).with_name("probe_node.py"))
             self._link(server, kind, weights)
             server.start()
         self.running[kind] = server

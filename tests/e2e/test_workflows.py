@@ -2,13 +2,16 @@
 
 The shipped file is what is tested: each JSON in workflows/ is converted with ui_to_api against the
 server's /object_info; the test only swaps in the fixture's model names and shrinks the run
-(64x64, 2 steps) by editing the API graph. Checks that can fail for the right reason:
-- an image comes out of every workflow;
+(64x64, or 128x64 where an area condition needs room; 2 steps) by editing the API graph. Checks that
+can fail for the right reason:
+- an image comes out of every workflow, and it is not flat (NaN conditioning decodes to one colour);
 - with the same seed, a different prompt gives a different image (the conditioning reaches the UNet),
   and the first prompt run again, recomputed rather than served from ComfyUI's cache, gives the
-  identical image (the path is deterministic);
+  identical image (the path is deterministic), without reloading the LLM and with prompt A's encoding
+  served by our encode cache (the info output says so);
 - an instrumented run records the context the UNet's cross-attention receives and finds our
-  conditioning in it, value for value (test_unet_cross_attention_receives_our_context).
+  conditioning in it, value for value, batched with the negative in one UNet call
+  (test_unet_cross_attention_receives_our_context).
 """
 from __future__ import annotations
 
@@ -50,13 +53,15 @@ def load_api(server: ComfyServer, workflow: str) -> dict:
     ui = json.loads((WORKFLOW_DIR / f"{workflow}.json").read_text(encoding="utf-8"))
     api = ui_to_api(ui, server.object_info())
     family = family_of(workflow)
+    has_area = bool(nodes_of(api, "ConditioningSetArea"))
     for node in api.values():
         inputs = node["inputs"]
         inputs.update(fixture_names(family).get(node["class_type"], {}))
         if node["class_type"] in ("EmptyLatentImage", "EmptyImage"):
-            inputs.update(width=64, height=64)
+            # 128 wide where an area condition needs room for its minimum size (64) to be half the image.
+            inputs.update(width=128 if has_area else 64, height=64)
         elif node["class_type"] == "ConditioningSetArea":
-            inputs.update(width=32, height=64, x=0, y=0)
+            inputs.update(width=64, height=64, x=0, y=0)  # 64 is the node's minimum: the left half of 128x64
         elif node["class_type"] in ("KSampler", "KSamplerAdvanced"):
             inputs.update(steps=2)
     return api
@@ -77,7 +82,10 @@ def set_prompt(api: dict, text: str) -> dict:
 def pixels(result) -> np.ndarray:
     assert result.ok, result.error_text
     assert result.images, "the workflow produced no image"
-    return np.stack([np.asarray(img, dtype=np.int16) for img in result.images])
+    images = np.stack([np.asarray(img, dtype=np.int16) for img in result.images])
+    # Random weights give noise-like images; NaN conditioning decodes to one flat colour.
+    assert all(img.std() > 1.0 for img in images), "an image is flat: the conditioning is NaN or did not reach the UNet"
+    return images
 
 
 @pytest.fixture
@@ -101,85 +109,50 @@ def test_workflow_runs_and_the_prompt_steers_the_image(server, workflow):
     image_a2 = pixels(again)
     sampler = nodes_of(api, "KSampler")[0]
     assert sampler not in again.cached_nodes, "the repeat was served from ComfyUI's cache, so it proves nothing"
+    # Only the prompt changed: the LLM is not loaded again (unless the server runs with ComfyUI's node
+    # cache off, --cache-none, as the SDXL one does to fit in memory), and prompt A's encoding comes
+    # from our own encode cache, which --cache-none does not touch.
+    if not server.cache_none:
+        assert set(nodes_of(api, "LLMDiffLoadLLM")) <= set(again.cached_nodes), again.cached_nodes
+    for preview in nodes_of(api, "PreviewAny"):
+        assert "reused the cached encoding" in "\n".join(again.outputs[preview]["text"])
     assert np.abs(image_a - image_b).max() > 0, "two different prompts gave the same image with the same seed"
     assert np.array_equal(image_a, image_a2), "the same prompt and seed gave a different image"
 
 
 # --- instrumented run ----------------------------------------------------------------------------
-# A test-only node, installed only in a server started for this test: it patches the UNet's
-# cross-attention (attn2) to save the first context it receives, and saves the CONDITIONING our
-# node produced, so the test can compare them tensor for tensor.
-PROBE_NODE = '''
-import os
-import folder_paths
-from safetensors.torch import save_file
+# The SD1.5 server carries a test-only node, LLMDiffProbe (tests/e2e/probe_node.py, see conftest.py):
+# it patches the UNet's cross-attention (attn2) to save the first context it receives, and saves the
+# CONDITIONING our node produced, so the test can compare them tensor for tensor.
 
-
-class LLMDiffProbe:
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {"model": ("MODEL",), "positive": ("CONDITIONING",), "negative": ("CONDITIONING",)}}
-
-    RETURN_TYPES = ("MODEL",)
-    FUNCTION = "probe"
-    CATEGORY = "testing"
-
-    def probe(self, model, positive, negative):
-        out_dir = os.path.join(folder_paths.get_output_directory(), "probe")
-        os.makedirs(out_dir, exist_ok=True)
-        save_file({"positive": positive[0][0].contiguous(), "negative": negative[0][0].contiguous()},
-                  os.path.join(out_dir, "conditioning.safetensors"))
-        patched = model.clone()
-        seen = []
-
-        def record(q, context, value, extra_options):
-            if not seen:
-                seen.append(True)
-                save_file({"context": context.detach().float().cpu().contiguous()}, os.path.join(out_dir, "attn2_context.safetensors"))
-            return q, context, value
-
-        patched.set_model_attn2_patch(record)
-        return (patched,)
-
-
-NODE_CLASS_MAPPINGS = {"LLMDiffProbe": LLMDiffProbe}
-'''
-
-
-def test_unet_cross_attention_receives_our_context(comfy_sd15, _servers, tmp_path):
+def test_unet_cross_attention_receives_our_context(comfy_sd15):
     from safetensors.torch import load_file
 
-    api = set_prompt(load_api(comfy_sd15, "sd15_adapter"), PROMPT_A)
-    links = {name: (comfy_sd15.models_dir / folder / name).resolve() for folder, name in [
-        ("unet", "sd15_unet_random.safetensors"), ("vae", "sd_vae_random.safetensors")]}
-    llm = (comfy_sd15.models_dir / "LLM" / "tiny-qwen2").resolve()
-    adapter = (comfy_sd15.models_dir / "llm_adapters" / "tiny-qwen2-sd15.safetensors").resolve()
-    _servers.stop_all()  # one big server at a time on a shared machine
-    probe = ComfyServer("e2e-probe")
-    (probe.base_dir / "custom_nodes" / "llmdiff_probe.py").write_text(PROBE_NODE)
-    with probe:
-        probe.link_model("unet", links["sd15_unet_random.safetensors"], "sd15_unet_random.safetensors")
-        probe.link_model("vae", links["sd_vae_random.safetensors"], "sd_vae_random.safetensors")
-        probe.link_model("LLM", llm, "tiny-qwen2")
-        probe.link_model("llm_adapters", adapter, "tiny-qwen2-sd15.safetensors")
-        probe.start()
-        sampler = nodes_of(api, "KSampler")[0]
-        positive, negative = api[sampler]["inputs"]["positive"], api[sampler]["inputs"]["negative"]
-        api["probe"] = {"class_type": "LLMDiffProbe", "inputs": {"model": api[sampler]["inputs"]["model"], "positive": positive, "negative": negative}}
-        api[sampler]["inputs"]["model"] = ["probe", 0]
-        result = probe.run(api, timeout=600)
-        assert result.ok, result.error_text
-        saved = load_file(probe.output_dir / "probe" / "conditioning.safetensors")
-        context = load_file(probe.output_dir / "probe" / "attn2_context.safetensors")["context"]
-    ours = saved["positive"][0]
-    assert saved["positive"].shape == (1, 77, 768) and context.shape[1:] == (77, 768)
-    # CFG runs positive and negative in one UNet call: each of our tensors is one row of the batch.
-    rows = [row for row in context]
+    api = set_prompt(load_api(comfy_sd15, "sd15_adapter"), "a probe of the cross-attention")
+    sampler = nodes_of(api, "KSampler")[0]
+    inputs = api[sampler]["inputs"]
+    api["probe"] = {"class_type": "LLMDiffProbe", "inputs": {"model": inputs["model"], "positive": inputs["positive"], "negative": inputs["negative"]}}
+    inputs["model"] = ["probe", 0]
+    probe_dir = comfy_sd15.output_dir / "probe"
+    for stale in probe_dir.glob("*.safetensors"):
+        stale.unlink()
+
+    result = comfy_sd15.run(api, timeout=600)
+    assert result.ok, result.error_text
+    assert "probe" not in result.cached_nodes
+    saved = load_file(probe_dir / "conditioning.safetensors")
+    context = load_file(probe_dir / "attn2_context.safetensors")["context"]
+
+    ours, negative = saved["positive"][0], saved["negative"][0]
+    assert saved["positive"].shape == (1, 77, 768)
+    # 77 tokens like CLIP's: ComfyUI batches positive and negative into ONE UNet call (CFG), so the
+    # context has both as rows. An adapter ComfyUI could not batch would show up here as batch 1.
+    assert context.shape == (2, 77, 768), context.shape
     # Tolerance covers the UNet's compute dtype (fp16 weights are upcast on a CPU, but not everywhere).
     close = lambda a, b: np.allclose(a.numpy(), b.numpy(), atol=1e-2, rtol=1e-2)  # noqa: E731
-    assert any(close(row, ours) for row in rows), "our positive context is not what the UNet attended to"
-    assert any(close(row, saved["negative"][0]) for row in rows), "our negative context is not what the UNet attended to"
-    assert not np.allclose(ours.numpy(), saved["negative"][0].numpy())
+    assert any(close(row, ours) for row in context), "our positive context is not what the UNet attended to"
+    assert any(close(row, negative) for row in context), "our negative context is not what the UNet attended to"
+    assert not np.allclose(ours.numpy(), negative.numpy())
 
 
 def test_workflows_are_listed_as_templates(comfy_sd15_core):

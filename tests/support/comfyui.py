@@ -22,9 +22,14 @@ Pinned API (the node and workflow tests are written against it; extend, never ch
       .models(folder) -> list[str]          GET /models/<folder>
       .get_json(path) -> object             any GET endpoint, e.g. "/workflow_templates"
       .queue(api_prompt) -> prompt_id       raises PromptRejected (.error = ComfyUI's 400 body) on validation errors
+      .last_node_errors -> dict             node_errors of the last queue() that ComfyUI accepted: outputs
+                                            whose branch failed validation, which ComfyUI drops silently
       .wait(prompt_id, timeout=300) -> dict the /history entry; TimeoutError (after POST /interrupt) or
                                             ComfyServerDied, both with the log tail
-      .run(api_prompt, timeout=300) -> RunResult   never raises for ComfyUI-side errors: see RunResult
+      .run(api_prompt, timeout=300) -> RunResult   never raises for ComfyUI-side errors: see RunResult. A prompt
+                                            ComfyUI accepted with some outputs dropped by validation (it logs
+                                            "Output will be ignored" and runs the rest) is waited for, then
+                                            reported as not ok, status "rejected", with those node_errors
       .free(unload_models=True)             POST /free
       .log_text() -> str, .log_tail(lines=80) -> str
       .peak_rss_mb() -> int | None          the server process's high-water RSS (VmHWM), kept after stop()
@@ -341,6 +346,7 @@ class ComfyServer:
         self._object_info: dict | None = None
         self._peak_rss_mb: int | None = None
         self._client_id = uuid.uuid4().hex
+        self.last_node_errors: dict = {}
         self._log_copy: str | None = None
         _RUNNING.add(self)  # from here on, stop() at exit removes base_dir even if start() is never called
 
@@ -504,6 +510,7 @@ class ComfyServer:
             except ValueError:
                 raise RuntimeError(f"POST /prompt failed with HTTP {exc.code}: {body[:2000]!r}") from exc
             raise PromptRejected(error) from None
+        self.last_node_errors = answer.get("node_errors") or {}
         return answer["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 300) -> dict:
@@ -528,6 +535,7 @@ class ComfyServer:
         started = time.monotonic()
         try:
             prompt_id = self.queue(api_prompt)
+            dropped = self.last_node_errors
         except PromptRejected as exc:
             return RunResult(ok=False, status="rejected", error={"kind": "validation", **exc.error},
                              seconds=time.monotonic() - started)
@@ -542,6 +550,11 @@ class ComfyServer:
                 result.cached_nodes.extend(str(n) for n in data.get("nodes", []))
             elif kind in ("execution_error", "execution_interrupted"):
                 result.error = {"kind": "execution" if kind == "execution_error" else "interrupted", **data}
+        if dropped and result.error is None:
+            # ComfyUI ran only the outputs that validated; a test must not mistake that for success.
+            result.ok, result.status = False, "rejected"
+            result.error = {"kind": "validation", "error": {"message": "some outputs failed validation and were not run"},
+                            "node_errors": dropped}
         if not result.ok and result.error is None:
             result.error = {"kind": "execution", "exception_message": f"status {result.status}", "messages": messages}
         self._collect_images(result)
