@@ -139,6 +139,11 @@ def _ignored_inputs(config, is_sdxl: bool, has_clip: bool, clip_mode: str, poole
         notes.append(f"width/height/crop/target fields are SDXL-only and were ignored for this {config.target.family} adapter")
     if pooled_blend > 0 and not (is_sdxl and has_clip):
         notes.append("pooled_blend was ignored: it needs an SDXL adapter and a connected CLIP")
+    if config.arch.timestep_aware:
+        from ..adapter.model import FALLBACK_TIMESTEP
+
+        notes.append(f"this adapter is timestep-aware; this node conditions it at the fixed timestep {FALLBACK_TIMESTEP:g} "
+                     "for every sampling step")
     if config.concat_clip and clip_mode != "concat":
         notes.append("this adapter was trained with CLIP tokens beside its own: set clip_mode to 'concat' and connect the CLIP for the results it was trained for")
     if not config.concat_clip and clip_mode == "concat":

@@ -34,15 +34,16 @@ def env(tmp_path_factory):
         if not item.name.endswith(".safetensors"):
             (half / item.name).write_bytes(item.read_bytes())
 
-    def make_adapter(llm_path, target, name):
+    def make_adapter(llm_path, target, name, **arch):
         info = lib.load_llm(llm_path).info
-        config = lib.AdapterConfig(llm=info, target=lib.make_target(target), arch=lib.ArchConfig(**SMALL_ARCH))
+        config = lib.AdapterConfig(llm=info, target=lib.make_target(target), arch=lib.ArchConfig(**SMALL_ARCH, **arch))
         torch.manual_seed(0)
         lib.save_adapter(adapter_dir / name, lib.LLMDiffAdapter(config))
 
     make_adapter(qwen, "sd15", "qwen-sd15.safetensors")
     make_adapter(qwen, "sdxl", "qwen-sdxl.safetensors")
     make_adapter(llama, "sd15", "llama-sd15.safetensors")
+    make_adapter(qwen, "sd15", "qwen-sd15-timestep.safetensors", timestep_aware=True)
     data = (adapter_dir / "qwen-sd15.safetensors").read_bytes()
     (adapter_dir / "truncated.safetensors").write_bytes(data[: len(data) // 2])
     torch.save({"weight": torch.zeros(2)}, adapter_dir / "pickle.safetensors")  # a renamed .pt; never loaded
@@ -230,3 +231,15 @@ def test_dtype_choice_on_cpu(env):
     assert choose("bf16", cpu) == torch.bfloat16
     with pytest.raises(ValueError, match="auto, bf16, fp16, fp32"):
         choose("int4", cpu)
+
+
+def test_timestep_aware_adapter_uses_the_fallback_timestep_and_says_so(env, qwen, encode):
+    pack, nodes = env
+    adapter = nodes["LLMDiffLoadAdapter"].execute("qwen-sd15-timestep.safetensors").args[0]
+    conditioning, info = encode(qwen, adapter, "a red circle")
+    fallback = pack_module("adapter.model").FALLBACK_TIMESTEP
+    assert f"fixed timestep {fallback:g}" in info
+    with torch.no_grad():
+        enc = pack_module("adapter").encode_prompts(qwen.loaded, adapter.config.template, ["a red circle"])
+        expected = adapter.module(enc.hidden_states.float(), enc.attention_mask, timesteps=fallback).context
+    torch.testing.assert_close(conditioning[0][0], expected)
