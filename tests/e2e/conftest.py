@@ -13,6 +13,8 @@ Model names, exactly as ComfyUI lists them on every server (the node tests and w
     unet/        sd15_unet_random.safetensors | sd2_unet_random.safetensors | sdxl_unet_random.safetensors
     vae/         sd_vae_random.safetensors (sd15, sd2) | sdxl_vae_random.safetensors
     clip/        clip_l_random.safetensors                      (sd15 server)
+                 clip_g_random.safetensors  SDXL's CLIP-G (sd15 server): with clip_l in DualCLIPLoader(type
+                                            "sdxl") it makes an SDXL CLIP without the 16 GB SDXL server
     controlnet/  sd15_controlnet_random.safetensors             (sd15 server)
     LLM/         tiny-qwen2, tiny-llama, broken-half-copied (tiny-qwen2's config and tokenizer, no weights)
     llm_adapters/ tiny-qwen2-sd15.safetensors, tiny-qwen2-sd2.safetensors, tiny-qwen2-sdxl.safetensors,
@@ -181,6 +183,7 @@ class _Servers:
         server.link_model("vae", weights.vae, "sdxl_vae_random.safetensors" if kind == "sdxl" else "sd_vae_random.safetensors")
         if kind == "sd15":
             server.link_model("clip", weights.clip_l, "clip_l_random.safetensors")
+            server.link_model("clip", weights_mod.build_clip_g().clip_g, "clip_g_random.safetensors")
             server.link_model("controlnet", weights.controlnet, "sd15_controlnet_random.safetensors")
         llms, adapters, _ = self.our_models
         for name, path in llms.items():

@@ -102,6 +102,31 @@ def test_sdxl_adapter_with_an_sd15_clip(comfy_sd15, api):
     assert_node_error(comfy_sd15, api, "LLMDiffTextEncode", "the CLIP connected", "768", "2048")
 
 
+SDXL_CLIP = {"class_type": "DualCLIPLoader", "inputs": {"clip_name1": "clip_l_random.safetensors",
+                                                        "clip_name2": "clip_g_random.safetensors", "type": "sdxl"}}
+
+
+def test_the_random_sdxl_clip_is_a_real_one(comfy_sd15):
+    """Guards the test below: ComfyUI must map every CLIP-G key (unmapped keys stay uninitialised and
+    encode to NaN or garbage silently), so the mismatch it reports is about widths, not a broken file."""
+    graph = {"clip": SDXL_CLIP,
+             "encode": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["clip", 0], "text": "a red cube"}},
+             "show": {"class_type": "PreviewAny", "inputs": {"source": ["encode", 0]}}}
+    result = comfy_sd15.run(graph, timeout=600)
+    assert result.ok, result.error_text
+    text = "\n".join(result.outputs["show"]["text"])
+    assert "tensor(" in text and "pooled_output" in text, f"PreviewAny did not show the conditioning:\n{text[:2000]}"
+    assert "nan" not in text and "inf" not in text, f"the SDXL CLIP encodes to non-finite values:\n{text[:2000]}"
+    assert "clip missing" not in comfy_sd15.log_text(), "ComfyUI could not map the CLIP-L/CLIP-G keys"
+
+
+def test_sd15_adapter_with_an_sdxl_clip(comfy_sd15, api):
+    api["clip"] = SDXL_CLIP
+    set_input(api, "LLMDiffTextEncode", clip=["clip", 0])  # the adapter stays tiny-qwen2-sd15
+    assert_node_error(comfy_sd15, api, "LLMDiffTextEncode", "the CLIP connected", "gives 2048", "768-wide",
+                      "use an adapter trained for")
+
+
 def test_half_copied_llm_folder(comfy_sd15, api):
     set_input(api, "LLMDiffLoadLLM", llm_name="broken-half-copied")
     assert_node_error(comfy_sd15, api, "LLMDiffLoadLLM", "broken-half-copied", "no weights", "copy the model's weight files")

@@ -10,6 +10,7 @@ Public API (stable; the e2e fixtures and the node tests rely on it):
     build_sd15() -> SD15Weights(unet, vae, clip_l, controlnet)   # ~2.8 GB on disk, ~1 min once
     build_sd2()  -> SD2Weights(unet, vae)                        # ~1.9 GB, ~30 s once
     build_sdxl() -> SDXLWeights(unet, vae)                       # ~5.3 GB, ~1.5 min once, ~11 GB RAM while building
+    build_clip_g() -> CLIPGWeights(clip_g)                       # ~1.4 GB, ~1 min once: SDXL's second text encoder
 
 Each returns paths inside cache_dir()/"weights"/<name>-v<N>/; the first call builds the folder in a
 subprocess (`python -m support.weights sd15|sd2|sdxl`, PYTHONPATH=tests) so the tens of GB of
@@ -17,8 +18,12 @@ construction memory are returned to the OS when it exits; later calls only check
 are written to a temporary sibling and renamed, and builds take a file lock, so parallel or aborted
 runs never see half a folder. Bump WEIGHTS_VERSION when a builder changes.
 
+CLIP-G is its own set (not part of sdxl) because the SD1.5 server is the one that serves it: pairing it
+with CLIP-L in DualCLIPLoader(type="sdxl") gives an SDXL CLIP without starting the 16 GB SDXL server.
+
 All files are fp16 safetensors in diffusers layout (UNETLoader, VAELoader and ControlNetLoader convert
-it), except the text encoder, which uses the `text_model.`-prefixed transformers layout CLIPLoader expects.
+it), except the text encoders, which use the `text_model.`-prefixed transformers layout CLIPLoader and
+DualCLIPLoader expect.
 """
 from __future__ import annotations
 
@@ -61,6 +66,11 @@ class SDXLWeights:
     vae: Path
 
 
+@dataclass(frozen=True)
+class CLIPGWeights:
+    clip_g: Path
+
+
 # --- diffusers constructor configs (the published model configs, trimmed to non-default values) ---
 
 SD_VAE = dict(
@@ -82,6 +92,11 @@ SD15_CONTROLNET = dict(cross_attention_dim=768)  # diffusers' defaults are the S
 CLIP_L = dict(
     vocab_size=49408, hidden_size=768, intermediate_size=3072, projection_dim=768, num_hidden_layers=12,
     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+)
+# OpenCLIP ViT-bigG's text tower, as ComfyUI's comfy/clip_config_bigg.json describes it (SDXL's CLIP-G).
+CLIP_G = dict(
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, projection_dim=1280, num_hidden_layers=32,
+    num_attention_heads=20, max_position_embeddings=77, hidden_act="gelu",
 )
 
 # The key ComfyUI inspects to tell an SD2 768-v (v-prediction) UNet from a 512 eps one: it returns
@@ -112,14 +127,15 @@ def _vae(out: Path, name: str) -> None:
     _save_fp16(AutoencoderKL(**SD_VAE), out / name)
 
 
-def _clip_l_state_dict() -> dict:
-    """CLIP-L text encoder in the layout CLIPLoader reads: every key under `text_model.`, plus the
-    projection. transformers 5 dropped the prefix from CLIPTextModel.state_dict(); without it ComfyUI
-    leaves every weight uninitialised and the conditioning is silently NaN."""
+def _clip_text_state_dict(config: dict) -> dict:
+    """A CLIP text encoder (CLIP_L or CLIP_G) in the layout CLIPLoader reads: every key under
+    `text_model.`, plus the projection. transformers 5 dropped the prefix from CLIPTextModel.state_dict();
+    without it ComfyUI leaves every weight uninitialised and the conditioning is silently NaN. ComfyUI
+    tells CLIP-G from CLIP-L by `text_model.encoder.layers.30.mlp.fc1.weight` (comfy/sd.py detect_te_model)."""
     import torch
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-    model = CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L))
+    model = CLIPTextModelWithProjection(CLIPTextConfig(**config))
     sd = {}
     for key, value in model.state_dict().items():
         if key.startswith("text_projection."):
@@ -127,7 +143,7 @@ def _clip_l_state_dict() -> dict:
         else:
             sd[key if key.startswith("text_model.") else "text_model." + key] = value
     if "text_projection.weight" not in sd:
-        sd["text_projection.weight"] = torch.randn(CLIP_L["projection_dim"], CLIP_L["hidden_size"]) * 0.02
+        sd["text_projection.weight"] = torch.randn(config["projection_dim"], config["hidden_size"]) * 0.02
     return sd
 
 
@@ -148,7 +164,7 @@ def _controlnet(out: Path) -> None:
 def _build_sd15(out: Path) -> dict:
     _save_fp16(_unet(SD15_UNET), out / "unet.safetensors")
     _vae(out, "vae.safetensors")
-    _save_fp16(_clip_l_state_dict(), out / "clip_l.safetensors")
+    _save_fp16(_clip_text_state_dict(CLIP_L), out / "clip_l.safetensors")
     _controlnet(out)
     return {"unet": SD15_UNET, "vae": SD_VAE, "clip_l": CLIP_L, "controlnet": SD15_CONTROLNET}
 
@@ -181,8 +197,23 @@ def _build_sdxl(out: Path) -> dict:
     return {"unet": SDXL_UNET, "vae": SD_VAE}
 
 
-BUILDERS = {"sd15": (_build_sd15, SD15Weights), "sd2": (_build_sd2, SD2Weights), "sdxl": (_build_sdxl, SDXLWeights)}
-FILES = {"sd15": ("unet", "vae", "clip_l", "controlnet"), "sd2": ("unet", "vae"), "sdxl": ("unet", "vae")}
+def _build_clip_g(out: Path) -> dict:
+    import torch
+
+    # 695M parameters: constructing in fp16 (the saved dtype anyway) keeps the peak near 1.5 GB, not 3 GB.
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float16)
+    try:
+        _save_fp16(_clip_text_state_dict(CLIP_G), out / "clip_g.safetensors")
+    finally:
+        torch.set_default_dtype(previous)
+    return {"clip_g": CLIP_G}
+
+
+BUILDERS = {"sd15": (_build_sd15, SD15Weights), "sd2": (_build_sd2, SD2Weights), "sdxl": (_build_sdxl, SDXLWeights),
+            "clip_g": (_build_clip_g, CLIPGWeights)}
+FILES = {"sd15": ("unet", "vae", "clip_l", "controlnet"), "sd2": ("unet", "vae"), "sdxl": ("unet", "vae"),
+         "clip_g": ("clip_g",)}
 
 
 def weights_dir(name: str) -> Path:
@@ -231,7 +262,7 @@ def _peak_rss_mb() -> int:
 
 
 def build(name: str):
-    """Return the cached weight set `name` ('sd15', 'sd2', 'sdxl'), building it first if needed."""
+    """Return the cached weight set `name` ('sd15', 'sd2', 'sdxl', 'clip_g'), building it first if needed."""
     if name not in BUILDERS:
         raise ValueError(f"unknown weight set {name!r}; choose one of {sorted(BUILDERS)}")
     folder = weights_dir(name)
@@ -265,6 +296,10 @@ def build_sd2() -> SD2Weights:
 
 def build_sdxl() -> SDXLWeights:
     return build("sdxl")
+
+
+def build_clip_g() -> CLIPGWeights:
+    return build("clip_g")
 
 
 if __name__ == "__main__":
