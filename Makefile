@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-unit demo bench-adapter clean-venv
+.PHONY: setup test test-unit demo bench-adapter shapes-assets clean-venv
 
 setup: $(STAMP)
 
@@ -39,3 +39,9 @@ bench-adapter: setup
 
 clean-venv:
 	rm -rf $(VENV)
+
+# The shapes benchmark's tiny LM and tiny base model (weak teacher), built locally (~16 min on 2 cores).
+SHAPES_ASSETS ?= assets/shapes
+shapes-assets: $(SHAPES_ASSETS)/manifest.json
+$(SHAPES_ASSETS)/manifest.json: bench/shapes/tiny_lm.py bench/shapes/tiny_base.py bench/shapes/assets.py bench/shapes/scenes.py bench/shapes/captions.py bench/shapes/splits.py | setup
+	$(PY) -m bench.shapes.assets --out $(SHAPES_ASSETS) --force

@@ -1,0 +1,187 @@
+"""`make shapes-assets`: build the shapes benchmark's tiny LM and tiny base model (the weak teacher) from seeds.
+
+    python -m bench.shapes.assets [--out assets/shapes] [--seed 0] [--quick] [--force]
+
+writes
+    <out>/tiny-lm/           Hugging Face folder: a 4-block Llama + word-level tokenizer with a chat template
+    <out>/tiny-base/         diffusers StableDiffusionPipeline folder: VAE, UNet, bag-of-words CLIP, tokenizer, DDPM
+    <out>/teacher_samples.png  the teacher's first 16 held-out samples, for a look
+    <out>/manifest.json      sizes and sha256 of every file, training statistics and times, the LM's
+                             perplexities, the VAE round-trip and teacher scores (bench/shapes/scorer.py)
+
+Everything is trained here on the CPU from generated scenes (no download), deterministically from
+`--seed` on a given machine and library versions. The folder is built under a temporary sibling and
+renamed at the end, so an interrupted run leaves nothing half-written; `ensure_assets()` reuses a
+finished folder whose manifest matches (version, seed, quick). `--quick` builds miniature models in
+seconds, for tests only: they are untrained and useless for measurements.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["ASSETS_VERSION", "DEFAULT_DIR", "build_assets", "ensure_assets", "read_manifest"]
+
+logger = logging.getLogger(__name__)
+
+ASSETS_VERSION = 1  # bump when what the builders make changes, so stale folders are rebuilt
+DEFAULT_DIR = Path("assets/shapes")
+MANIFEST = "manifest.json"
+LM_FOLDER, BASE_FOLDER = "tiny-lm", "tiny-base"
+
+
+def _file_table(folder: Path) -> dict[str, dict]:
+    """{relative path: {bytes, sha256}} of every file under folder (sorted, so the manifest is stable)."""
+    table = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        table[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size,
+                                                      "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    return table
+
+
+def _save_grid(path: Path, images: np.ndarray, columns: int = 8) -> None:
+    from PIL import Image
+
+    images = images[: 2 * columns]
+    rows = -(-len(images) // columns)
+    h, w = images.shape[1:3]
+    grid = np.full((rows * (h + 2), columns * (w + 2), 3), 255, np.uint8)
+    for i, image in enumerate(images):
+        r, c = divmod(i, columns)
+        grid[r * (h + 2):r * (h + 2) + h, c * (w + 2):c * (w + 2) + w] = image
+    Image.fromarray(grid).save(path)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The manifest of a finished assets folder; FileNotFoundError with what to run if there is none."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} has no {MANIFEST}: it is not a finished shapes-assets folder; "
+                                f"build it with `make shapes-assets` (python -m bench.shapes.assets --out {folder})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = False, force: bool = False,
+                 threads: int = 1) -> Path:
+    """Train both models, evaluate them, write the manifest; returns `out`. Refuses to overwrite unless force."""
+    import torch
+    import diffusers
+    import transformers
+
+    from .scenes import generate, heldout_prompts
+    from .tiny_base import BaseConfig, build_tiny_base, teacher_scores
+    from .tiny_lm import LMConfig, build_tiny_lm
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} already exists; pass --force to rebuild it, or use it as it is")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    lm_config, base_config = (LMConfig.quick(), BaseConfig.quick()) if quick else (LMConfig(), BaseConfig())
+    start = time.perf_counter()
+    try:
+        with _reproducible(threads):
+            _, lm_stats = build_tiny_lm(tmp / LM_FOLDER, lm_config, seed)
+            base_folder, base_stats = build_tiny_base(tmp / BASE_FOLDER, base_config, seed)
+            t0 = time.perf_counter()
+            heldout, images = teacher_scores(base_folder, heldout_prompts(base_config.eval_prompts, seed),
+                                             base_config, seed)
+            val_captions = [s.caption for s in generate("val", max(1, base_config.eval_prompts // 2), seed)]
+            val, _ = teacher_scores(base_folder, val_captions, base_config, seed)
+            base_stats["teacher"] = {"heldout": heldout, "val": val, "sampler": "DDIM",
+                                     "steps": base_config.eval_steps, "guidance_scale": base_config.guidance_scale,
+                                     "eval_seconds": round(time.perf_counter() - t0, 1)}
+        _save_grid(tmp / "teacher_samples.png", images)
+        files = _file_table(tmp)
+        manifest = {
+            "format": "shapes-assets", "version": ASSETS_VERSION, "seed": seed, "quick": quick,
+            "libraries": {"torch": torch.__version__, "transformers": transformers.__version__,
+                          "diffusers": diffusers.__version__},
+            "torch_threads": threads,
+            "total_seconds": round(time.perf_counter() - start, 1),
+            "total_bytes": sum(f["bytes"] for f in files.values()),
+            "lm": {"folder": LM_FOLDER, **lm_stats},
+            "base": {"folder": BASE_FOLDER, **base_stats},
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+        if out.exists():  # --force: replace only once the new folder is complete
+            shutil.rmtree(out)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("shapes assets: %.1f MB in %.0f s -> %s", manifest["total_bytes"] / 1e6, manifest["total_seconds"], out)
+    return out
+
+
+def ensure_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = False) -> Path:
+    """`out` if it holds finished assets of this version, seed and mode; otherwise build them there."""
+    out = Path(out)
+    try:
+        manifest = read_manifest(out)
+    except FileNotFoundError:
+        manifest = None
+    if manifest and (manifest.get("version"), manifest.get("seed"), manifest.get("quick")) == (ASSETS_VERSION, seed,
+                                                                                                 quick):
+        return out
+    if manifest:
+        logger.info("rebuilding %s: it holds version %s seed %s quick %s", out, manifest.get("version"),
+                    manifest.get("seed"), manifest.get("quick"))
+    return build_assets(out, seed=seed, quick=quick, force=True)
+
+
+@contextlib.contextmanager
+def _reproducible(threads: int):
+    """Deterministic algorithms and a fixed thread count for the build, restored afterwards (both are global).
+
+    The thread count is part of reproducibility (it changes how reductions are split) and of speed:
+    on a shared 2-core machine, two OpenMP threads per process ran these small convolutions 10-30x
+    slower than one (measured), because each thread spins waiting for the other to be scheduled.
+    """
+    import torch
+
+    previous = torch.are_deterministic_algorithms_enabled(), torch.get_num_threads()
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():
+            yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0])
+        torch.set_num_threads(previous[1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.shapes.assets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"output folder (default {DEFAULT_DIR})")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="miniature untrained models in seconds (tests only)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if --out exists")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: fastest on a busy machine, and part of reproducibility)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    out = build_assets(args.out, seed=args.seed, quick=args.quick, force=args.force, threads=args.threads)
+    manifest = read_manifest(out)
+    teacher = manifest["base"]["teacher"]["heldout"]
+    print(f"wrote {out} ({manifest['total_bytes'] / 1e6:.1f} MB, {manifest['total_seconds']:.0f} s)")
+    print(f"tiny LM perplexity: val {manifest['lm']['val_perplexity']:.3f}, held-out "
+          f"{manifest['lm']['heldout_perplexity']:.3f}")
+    print(f"VAE round trip overall accuracy (val): {manifest['base']['vae']['roundtrip_val']['overall']:.3f}")
+    print("teacher on held-out prompts: " + ", ".join(f"{k} {v:.3f}" for k, v in teacher.items() if k != "n"))
+
+
+if __name__ == "__main__":
+    main()
