@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .fitting import loss_summary, optimizer_step
 from .scenes import BACKGROUND, IMAGE_SIZE, Sample, generate
 from .scorer import score, summarize
 
@@ -193,16 +194,11 @@ def train_vae(vae, images: torch.Tensor, config: BaseConfig, generator: torch.Ge
         weight = 1 + config.vae_object_weight * (batch - background).abs().amax(1, keepdim=True).gt(0.05)
         error = (weight * ((recon - batch).pow(2) + (recon - batch).abs())).mean() / weight.mean()
         loss = error + config.vae_kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, optimizer, schedule))
         if step % 50 == 0 or step == config.vae_steps - 1:
             logger.info("tiny VAE step %d/%d loss %.4f", step + 1, config.vae_steps, losses[-1])
     vae.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+    return loss_summary(losses, "final_loss")
 
 
 @torch.no_grad()
@@ -284,19 +280,13 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor,
         x_t = scheduler.add_noise(x0, noise, t)
         pred = unet(x_t, t, text_encoder(batch_ids)[0]).sample
         loss = (weights[t] * (pred - noise).pow(2).mean(dim=(1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        losses.append(optimizer_step(loss, optimizer, schedule, clip_params=params))
         ema.update()
-        losses.append(loss.item())
         if step % 100 == 0 or step == config.unet_steps - 1:
             logger.info("tiny UNet step %d/%d loss %.4f", step + 1, config.unet_steps, losses[-1])
     ema.copy_to_params()
     unet.eval(), text_encoder.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
+    return loss_summary(losses, "final_loss")
 
 
 # --- the whole teacher ---

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .fitting import loss_summary, optimizer_step
 from .scenes import generate
 
 __all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "LMConfig", "build_tiny_lm", "build_tokenizer", "train_lm"]
@@ -137,17 +138,11 @@ def train_lm(model, tokenizer, captions: list[str], config: LMConfig, seed: int)
     for step in range(config.steps):
         picks = torch.randint(len(captions), (config.batch_size,), generator=generator).tolist()
         loss = model(**_batch(tokenizer, [captions[i] for i in picks])).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
+        losses.append(optimizer_step(loss, optimizer, schedule, clip_params=model.parameters()))
         if step % 100 == 0 or step == config.steps - 1:
             logger.info("tiny LM step %d/%d loss %.4f", step + 1, config.steps, losses[-1])
     model.eval()
-    tail = losses[-max(1, len(losses) // 10):]
-    return {"first_loss": losses[0], "final_train_loss": sum(tail) / len(tail)}
+    return loss_summary(losses, "final_train_loss")
 
 
 def build_tiny_lm(dest: str | Path, config: LMConfig = LMConfig(), seed: int = 0) -> tuple[Path, dict]:
