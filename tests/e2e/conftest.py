@@ -2,12 +2,11 @@
 
 Fixtures (function-scoped handles onto session-long servers; see support/comfyui.py for the server API):
 
-    comfy_sd15       SD1.5 server + our models; skips (with the reason) if the tiny LLMs or the
-                     adapter CLI are not usable yet
+    comfy_sd15       SD1.5 server + our models; fails (with the reason) if the tiny LLMs or the
+                     adapters from the adapter CLI could not be made
     comfy_sd15_core  the same server, without requiring our models (core-node tests)
     comfy_sd2        SD2 (768-v) server + our models;   comfy_sd2_core without requiring them
     comfy_sdxl       SDXL server (--cache-none) + our models; comfy_sdxl_core without requiring them
-    our_models_error the reason our models could not be made ("" when they were)
 
 Model names, exactly as ComfyUI lists them on every server (the node tests and workflows use these):
     unet/        sd15_unet_random.safetensors | sd2_unet_random.safetensors | sdxl_unet_random.safetensors
@@ -101,12 +100,13 @@ def _adapter_init(llm: Path, target: str, out: Path) -> None:
 
 @pytest.fixture(scope="session")
 def _our_models(tmp_path_factory):
-    """(LLM folders, adapter files, error): built once per session; errors become skips, not failures."""
+    """(LLM folders, adapter files, error): built once per session. An error fails every test that needs
+    these models (see _with_our_models) while the core-node harness tests still run."""
     folder = tmp_path_factory.mktemp("our_models")
     llms, adapters = {}, {}
     try:
         with _timed("our models (tiny LLMs + adapter init)"):
-            from support.tiny_models import make_tiny_llm  # lazy: written in parallel by another engineer
+            from support.tiny_models import make_tiny_llm
 
             llms["tiny-qwen2"] = make_tiny_llm(family="qwen2")
             llms["tiny-llama"] = make_tiny_llm(family="llama")
@@ -125,7 +125,7 @@ def _our_models(tmp_path_factory):
             adapters["broken-truncated.safetensors"] = folder / "broken-truncated.safetensors"
             adapters["broken-pickle.safetensors"] = _pickle_file(folder / "broken-pickle.safetensors")
         return llms, adapters, ""
-    except Exception as exc:  # noqa: BLE001 - any failure here means "our models are not ready yet"
+    except Exception as exc:  # noqa: BLE001 - reported by every test that needs these models
         log.warning("our models could not be made: %s", exc)
         return llms, adapters, f"{type(exc).__name__}: {exc}"
 
@@ -137,11 +137,6 @@ def _pickle_file(path: Path) -> Path:
 
     torch.save({"weight": torch.zeros(2, 2)}, path)
     return path
-
-
-@pytest.fixture(scope="session")
-def our_models_error(_our_models) -> str:
-    return _our_models[2]
 
 
 # --- servers: one at a time --------------------------------------------------------------------------
@@ -220,7 +215,7 @@ def pytest_terminal_summary(terminalreporter):
 def _with_our_models(servers: _Servers, kind: str) -> ComfyServer:
     error = servers.our_models[2]
     if error:
-        pytest.skip(f"our models (tiny LLMs, adapters from `python -m adapter init`) are not available: {error}")
+        pytest.fail(f"our models (tiny LLMs, adapters from `python -m adapter init`) could not be made: {error}")
     return servers.acquire(kind)
 
 
