@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-unit demo bench-adapter shapes-assets clean-venv
+.PHONY: setup test test-unit demo bench-adapter bench-shapes shapes-assets clean-venv
 
 setup: $(STAMP)
 
@@ -32,7 +32,7 @@ test-unit: setup
 	$(PY) -m pytest -q tests/unit
 
 demo: setup
-	PYTHONPATH=tests $(PY) -m bench.demo
+	$(PY) -m bench.demo
 
 bench-adapter: setup
 	$(PY) -m bench.adapter_overhead
@@ -40,7 +40,11 @@ bench-adapter: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# The shapes benchmark's tiny LM and tiny base model (weak teacher), built locally (~16 min on 2 cores).
+# The shapes study (issues 5 and 6): every arm x 3 seeds, trained and evaluated; resumable (hours on 2 cores).
+bench-shapes: setup
+	$(PY) -m bench.shapes.study --out outputs/shapes-study
+
+# The shapes benchmark's tiny LM and tiny base model (weak teacher), built locally (about an hour on 2 cores).
 SHAPES_ASSETS ?= assets/shapes
 shapes-assets: $(SHAPES_ASSETS)/manifest.json
 $(SHAPES_ASSETS)/manifest.json: bench/shapes/tiny_lm.py bench/shapes/tiny_base.py bench/shapes/assets.py bench/shapes/scenes.py bench/shapes/captions.py bench/shapes/splits.py | setup

@@ -1,69 +1,145 @@
-"""`make demo`: the whole inference path on a tiny model made locally (no downloads).
+"""`make demo`: the whole method, trained and measured on a CPU, on the shapes benchmark (DESIGN.md section 6).
 
-Until the shapes benchmark lands (which trains an adapter end to end), the demo shows what the
-nodes do under the hood: build a tiny random Qwen2 with the real Qwen2.5 tokenizer, write a
-fresh adapter with `python -m adapter init`, encode prompts (the empty prompt and an over-budget
-one included) to the pre-final-norm states of every layer, and run the adapter to SD1.5 and SDXL
-conditioning. Outputs go to outputs/demo/ (summary.json, report.md).
+    make demo        (= python -m bench.demo [--prompts 100] [--steps 600] [--out outputs/demo])
+
+1. assets   the tiny LM and the tiny base model (the weak teacher) from assets/shapes/, which the repo ships
+            (made by `make shapes-assets`); built here first if that folder is missing or stale.
+2. data     8000 training scenes with captions, written once to <cache>/shapes/train-8000.
+3. train    an adapter for the tiny LM with the `dynamic-kl` preset, through the trainer's real command line
+            (`python -m training.train --preset dynamic-kl --config bench/shapes/adapter.toml ...`), into
+            <cache>/shapes/demo-<key>; a later run with the same assets and settings reuses it.
+4. evaluate teacher and adapter sample the same held-out prompts (attribute combinations never seen in
+            training) from the same noise with the same sampler; the exact scorer checks every image.
+5. write    outputs/demo/samples.png (teacher | adapter, caption under each pair), metrics.json, report.md.
+
+<cache> is $LLMDIFF_CACHE or ~/.cache/llm-diff-adapter. Nothing is downloaded.
 """
 from __future__ import annotations
 
+import argparse
+import hashlib
 import json
-import subprocess
-import sys
+import logging
+import os
 import time
 from pathlib import Path
 
-import torch
-
-from adapter import encode_prompts, load_adapter, load_llm, read_adapter_config
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 OUT = Path("outputs/demo")
-PROMPTS = [
-    "a red circle left of a blue square",
-    "",  # the empty prompt: template with an empty user span, a common negative
-    "東京の夜景、ネオンの光 🌃",
-    "a very long prompt " + "with many many words " * 80,
-]
+GRID_PROMPTS = 16
 
 
-def main() -> None:
-    from support.tiny_models import make_tiny_llm  # test fixture builder: tiny random LLM + real tokenizer
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LLMDIFF_CACHE", Path.home() / ".cache" / "llm-diff-adapter")) / "shapes"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
-    OUT.mkdir(parents=True, exist_ok=True)
-    t0 = time.perf_counter()
-    llm_dir = make_tiny_llm(family="qwen2")
-    print(f"[1/4] tiny LLM folder: {llm_dir}")
-    summary: dict = {"llm": str(llm_dir), "targets": {}}
-    llm = load_llm(llm_dir)
-    for target in ("sd15", "sdxl"):
-        adapter_file = OUT / f"tiny-qwen2-{target}.safetensors"
-        subprocess.run([sys.executable, "-m", "adapter", "init", "--llm", str(llm_dir), "--target", target,
-                        "--out", str(adapter_file), "--force"], check=True)
-        print(f"[2/4] adapter written: {adapter_file}")
-        config = read_adapter_config(adapter_file)
-        adapter = load_adapter(adapter_file)
-        with torch.no_grad():
-            encoded = encode_prompts(llm, config.template, PROMPTS)
-            out = adapter(encoded.hidden_states, encoded.attention_mask)
-        print(f"[3/4] {target}: states {tuple(encoded.hidden_states.shape)} -> context {tuple(out.context.shape)}"
-              + (f", pooled {tuple(out.pooled.shape)}" if out.pooled is not None else ""))
-        summary["targets"][target] = {
-            "hidden_states": list(encoded.hidden_states.shape),
-            "context": list(out.context.shape),
-            "pooled": None if out.pooled is None else list(out.pooled.shape),
-            "context_rms": out.context.pow(2).mean().sqrt().item(),
-            "prompts": [{"prompt": p[:60], "tokens": i.num_tokens, "truncated_tokens": i.truncated_tokens,
-                         "warnings": i.warnings} for p, i in zip(PROMPTS, encoded.infos)],
-        }
-    summary["seconds"] = round(time.perf_counter() - t0, 2)
-    (OUT / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False))
-    lines = ["# Demo: LLM -> adapter -> UNet conditioning", "", "| target | LLM states | context | pooled | context RMS |",
-             "|---|---|---|---|---|"]
-    for target, info in summary["targets"].items():
-        lines.append(f"| {target} | {info['hidden_states']} | {info['context']} | {info['pooled']} | {info['context_rms']:.3f} |")
-    (OUT / "report.md").write_text("\n".join(lines) + "\n")
-    print(f"[4/4] done in {summary['seconds']} s; outputs in {OUT.resolve()}")
+
+def run_key(assets: Path, steps: int) -> str:
+    """Changes whenever the assets, the benchmark's trainer settings or the step budget change."""
+    from bench.shapes.pipeline import SHAPES_CONFIG
+
+    digest = hashlib.sha256((assets / "manifest.json").read_bytes() + SHAPES_CONFIG.read_bytes() + str(steps).encode())
+    return digest.hexdigest()[:12]
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
+    parser.add_argument("--out", type=Path, default=OUT)
+    parser.add_argument("--prompts", type=int, default=100, help="held-out prompts to score (default 100)")
+    parser.add_argument("--steps", type=int, default=600, help="adapter training steps (default 600)")
+    parser.add_argument("--sampler-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--quick", action="store_true", help="miniature untrained assets and a few steps (tests only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    import torch
+    from tqdm.auto import tqdm
+
+    from bench.shapes import evaluate as ev
+    from bench.shapes.assets import ensure_assets
+    from bench.shapes.pipeline import ensure_train_data, train_adapter
+    from bench.shapes.report import comparison_grid, markdown_table
+    from bench.shapes.scenes import heldout_prompts
+    from bench.shapes.stats import mean_ci, paired_ci
+
+    torch.set_num_threads(1)  # see bench/shapes/assets.py: one thread is fastest for these tiny models
+    start = time.perf_counter()
+    stages = tqdm(total=5, desc="demo", position=0, dynamic_ncols=True)
+    stages.set_postfix_str("assets")
+    assets = ensure_assets(args.assets, quick=args.quick)
+    stages.update(1)
+
+    stages.set_postfix_str("training data")
+    cache = cache_dir()
+    n_train = 64 if args.quick else 8000
+    data = ensure_train_data(cache / f"train-{n_train}", n=n_train)
+    stages.update(1)
+
+    stages.set_postfix_str("training the adapter (dynamic-kl)")
+    run = cache / f"demo-{run_key(assets, args.steps)}{'-quick' if args.quick else ''}"
+    extra = ("--batch-size", "4") if args.quick else ()
+    train_adapter(assets, data, run, preset="dynamic-kl", seed=0, max_steps=args.steps, extra=extra)
+    stages.update(1)
+
+    stages.set_postfix_str(f"sampling and scoring {args.prompts} held-out prompts")
+    from adapter import load_adapter
+
+    base, llm = ev.load_base_and_llm(assets)
+    adapter = load_adapter(run / "adapter.safetensors")
+    prompts = heldout_prompts(args.prompts)
+    arms = {"teacher (bag of words)": ev.teacher_conditioning(base), "adapter (tiny LM, all layers)": ev.adapter_conditioning(adapter, llm)}
+    images, checks = {}, {}
+    for name, conditioning in arms.items():
+        images[name], checks[name] = ev.alignment(base, conditioning, prompts, args.sampler_steps, args.guidance)
+    triplets = ev.make_triplets(base, n=64 if args.quick else 256)
+    mse = {name: float(ev.eps_mse(base, conditioning, triplets).mean()) for name, conditioning in arms.items()}
+    stages.update(1)
+
+    stages.set_postfix_str("writing")
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, ours = list(arms)
+    names = [k for k in ev.summarize_checks(checks[ours]) if k != "n"]
+    metrics = {"prompts": len(prompts), "sampler": {"name": "DDIM", "steps": args.sampler_steps, "guidance": args.guidance},
+               "adapter_run": str(run), "train_timings": json.loads((run / "timings.json").read_text())["wall_s"],
+               "eps_mse_val": mse, "arms": {}}
+    rows = []
+    for check in names:
+        values = {a: [[c[check] for c in checks[a] if check in c]] for a in arms}
+        diff = paired_ci(values[ours], values[teacher])
+        rows.append([check, int(len(values[ours][0])), mean_ci(values[teacher])[0], mean_ci(values[ours])[0],
+                     f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"])
+        for a in arms:
+            metrics["arms"].setdefault(a, {})[check] = mean_ci(values[a])
+        metrics.setdefault("adapter_minus_teacher", {})[check] = diff
+    comparison_grid(out / "samples.png", prompts[:GRID_PROMPTS], {"teacher": images[teacher][:GRID_PROMPTS],
+                                                                   "adapter": images[ours][:GRID_PROMPTS]})
+    seconds = time.perf_counter() - start
+    metrics["seconds"] = round(seconds, 1)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    report = [
+        "# make demo: the shapes benchmark on this machine", "",
+        f"An adapter for a tiny decoder-only LM ({assets / 'tiny-lm'}) trained with the `dynamic-kl` preset for "
+        f"{args.steps} steps on the frozen tiny base model, against that base model's own bag-of-words text "
+        f"encoder (the weak teacher). {len(prompts)} held-out prompts (attribute combinations never seen in training), "
+        f"one image each, DDIM {args.sampler_steps} steps, guidance {args.guidance}, the same noise for both. "
+        "Accuracy per check of the exact scorer; the difference has a 95% bootstrap interval over prompts "
+        "(one training seed: the full study, `make bench-shapes`, adds seeds).", "",
+        markdown_table(["check", "prompts", "teacher", "adapter", "adapter - teacher [95% CI]"], rows), "",
+        f"Validation epsilon-MSE (unweighted, {len(triplets.captions)} fixed val triplets): teacher "
+        f"{mse[teacher]:.4f}, adapter {mse[ours]:.4f}.", "",
+        f"![teacher | adapter](samples.png)", "",
+        f"Run: {seconds / 60:.1f} min in all. Adapter run (reused when unchanged): `{run}`.", ""]
+    (out / "report.md").write_text("\n".join(report), encoding="utf-8")
+    stages.update(1)
+    stages.close()
+    print(f"outputs in {out.resolve()}: samples.png, metrics.json, report.md ({seconds / 60:.1f} min)")
+    return out
 
 
 if __name__ == "__main__":

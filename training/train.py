@@ -59,6 +59,7 @@ from training.latent_cache import LatentCache, fill, vae_fingerprint
 from training.lora import add_unet_lora, export_comfy_lora, lora_disabled
 from training.losses import DiffusionLoss
 from training.models import BaseModel, BaseModelError, load_base_model
+from training.sampling import ddim_sample
 from training.state_cache import StateCache, distinct_captions
 
 log = logging.getLogger("training.train")
@@ -261,41 +262,30 @@ def load_batch(dataset: Dataset, indices: list[int], keys: Optional[dict[int, st
 
 
 @torch.no_grad()
+def adapter_context_at(adapter: nn.Module, llm, prompts: list[str], clip_context: Optional[torch.Tensor] = None):
+    """`context_at(t)` for training.sampling.ddim_sample: the adapter's conditioning of `prompts` (positives then
+    negatives). The LLM runs once; a timestep-aware adapter decodes its t-independent states at each sampler
+    timestep, a static one returns the same tensors every time."""
+    encoded = encode_prompts(llm, adapter.config.template, prompts)
+    if adapter.timestep_aware:
+        states = adapter.encode_states(encoded.hidden_states, encoded.attention_mask)
+        return lambda t: with_clip(adapter.decode(states, encoded.attention_mask, t), clip_context)
+    fixed = adapter_context(adapter, encoded, clip_context)
+    return lambda t: fixed
+
+
+@torch.no_grad()
 def validation_images(base: BaseModel, adapter: nn.Module, llm, cfg: TrainConfig, size: tuple[int, int], device):
     """Sample the fixed validation prompts with DDIM and classifier-free guidance against the empty prompt."""
-    from diffusers import DDIMScheduler
     from PIL import Image
 
-    prompts = cfg.validation.prompts
-    n = len(prompts)
-    scheduler = DDIMScheduler.from_config(base.scheduler.config, prediction_type="epsilon")  # we predict eps
-    scheduler.set_timesteps(cfg.validation.steps)
-    all_prompts = list(prompts) + [""] * n
+    prompts = list(cfg.validation.prompts)
+    all_prompts = prompts + [""] * len(prompts)
     clip_context = base.encode_clip(all_prompts, device)[0] if cfg.model.concat_clip else None
-    encoded = encode_prompts(llm, adapter.config.template, all_prompts)
-    if adapter.timestep_aware:  # the context at each sampler timestep, from the t-independent part computed once
-        states = adapter.encode_states(encoded.hidden_states, encoded.attention_mask)
-        context_at = lambda t: with_clip(adapter.decode(states, encoded.attention_mask, t), clip_context)  # noqa: E731
-    else:
-        fixed = adapter_context(adapter, encoded, clip_context)
-        context_at = lambda t: fixed  # noqa: E731
-    width, height = size
-    factor = base.vae_factor
-    gen = torch.Generator().manual_seed(cfg.validation.seed)
-    latents = torch.randn(n, base.unet.config.in_channels, height // factor, width // factor, generator=gen).to(device)
-    latents = latents * scheduler.init_noise_sigma
-    sizes = torch.tensor([[height, width, 0, 0, height, width]] * (2 * n), device=device, dtype=torch.float32)
-    unet_dtype = base.unet.dtype
-    for t in scheduler.timesteps:
-        context, pooled = context_at(t)
-        x = torch.cat([latents, latents]).to(unet_dtype)
-        eps = base.predict_eps(x, t.expand(2 * n).to(device), context.to(unet_dtype),
-                               None if pooled is None else pooled.to(unet_dtype), sizes).float()
-        cond, uncond = eps.chunk(2)
-        latents = scheduler.step(uncond + cfg.validation.guidance * (cond - uncond), t, latents).prev_sample
-    pixels = base.decode_latents(latents).float().clamp(-1, 1)
-    arrays = ((pixels + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in arrays]
+    context_at = adapter_context_at(adapter, llm, all_prompts, clip_context)
+    arrays = ddim_sample(base, context_at, len(prompts), size, cfg.validation.steps, cfg.validation.guidance,
+                         cfg.validation.seed, device)
+    return [Image.fromarray(a) for a in arrays.numpy()]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ __all__ = ["ASSETS_VERSION", "DEFAULT_DIR", "build_assets", "ensure_assets", "re
 
 logger = logging.getLogger(__name__)
 
-ASSETS_VERSION = 1  # bump when what the builders make changes, so stale folders are rebuilt
+ASSETS_VERSION = 2  # bump when what the builders make changes, so stale folders are rebuilt
 DEFAULT_DIR = Path("assets/shapes")
 MANIFEST = "manifest.json"
 LM_FOLDER, BASE_FOLDER = "tiny-lm", "tiny-base"

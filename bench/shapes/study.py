@@ -1,0 +1,232 @@
+"""`make bench-shapes`: the shapes study, with seeds and confidence intervals (issues 5 and 6).
+
+    python -m bench.shapes.study [--out outputs/shapes-study] [--seeds 0 1 2] [--steps 600] [--every 100]
+                                 [--prompts 200] [--arms dynamic-kl last-layer ...]
+
+Arms (each a trainer preset; the shapes sizes come from bench/shapes/adapter.toml):
+    teacher          the base model's own bag-of-words text encoder (no training)
+    dynamic-kl       the default recipe: min-SNR weighting + annealed, gated KL to the teacher, all-layer fusion
+    last-layer       dynamic-kl with last-layer fusion (the ablation of fusing every block)
+    uniform, min-snr, kl   plain timestep weightings without the teacher
+    timestep-aware   dynamic-kl with the timestep-aware resampler (issue 6), sampled with guidance
+For every seed s an arm is trained with --seed s and evaluated at each of its checkpoints (every `--every`
+steps): validation epsilon-MSE on fixed val triplets (every checkpoint) and the alignment of held-out prompts
+(the final checkpoint of every arm, and every checkpoint of the weighting arms), sampled from noise seed s.
+Everything is written under --out and reused: rerunning continues where a run stopped (the trainer resumes
+from its latest checkpoint; finished evaluations are read back), so the study can be stopped at any time.
+
+Reported (results.md, results.json):
+(a) final alignment per check for teacher, last-layer and all-layer fusion, with paired bootstrap 95% CIs
+    (over prompts and seeds) of all-layer minus last-layer and minus teacher;
+(b) for uniform, min-snr, kl and dynamic-kl: the steps and the CPU time (steps x that arm's measured
+    per-step CPU time, teacher included while it runs, from the trainer's timings.json) to first reach the
+    min-snr arm's final validation epsilon-MSE and its final alignment, from the seed-mean curves;
+(c) timestep-aware minus static (dynamic-kl), alignment and epsilon-MSE, paired CIs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+logger = logging.getLogger(__name__)
+
+TRAINED_ARMS = ("dynamic-kl", "last-layer", "uniform", "min-snr", "kl", "timestep-aware")
+WEIGHTING_ARMS = ("uniform", "min-snr", "kl", "dynamic-kl")
+BASELINE = "min-snr"
+
+
+def _read(path: Path):
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
+def _write(path: Path, value) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+class Study:
+    """Trains and evaluates arms on demand, caching every result as JSON under `out`."""
+
+    def __init__(self, assets: Path, out: Path, steps: int, every: int, prompts: int, triplets: int, sampler_steps: int,
+                 guidance: float, train_images: int = 8000, extra: tuple[str, ...] = ()):
+        from .evaluate import load_base_and_llm, make_triplets
+        from .pipeline import ensure_train_data
+        from .scenes import heldout_prompts
+
+        self.assets, self.out, self.steps, self.every = assets, out, steps, every
+        self.sampler_steps, self.guidance = sampler_steps, guidance
+        self.extra = extra  # more trainer flags for every arm (tests: a smaller batch)
+        self.data = ensure_train_data(out / f"train-{train_images}", n=train_images)
+        self.base, self.llm = load_base_and_llm(assets)
+        self.prompts = heldout_prompts(prompts)
+        self.triplets = make_triplets(self.base, n=triplets)
+
+    def run_dir(self, arm: str, seed: int) -> Path:
+        return self.out / "runs" / f"{arm}-s{seed}"
+
+    def train(self, arm: str, seed: int) -> Path:
+        from .pipeline import train_adapter
+
+        return train_adapter(self.assets, self.data, self.run_dir(arm, seed), preset=arm, seed=seed,
+                             max_steps=self.steps, extra=("--set", f"checkpoint_every={self.every}", *self.extra),
+                             quiet=True)
+
+    def conditioning(self, arm: str, seed: int, step: int):
+        from .evaluate import adapter_conditioning, teacher_conditioning
+        from .pipeline import load_checkpoint_adapter
+
+        if arm == "teacher":
+            return teacher_conditioning(self.base)
+        checkpoint = self.run_dir(arm, seed) / "checkpoints" / f"step-{step:08d}"
+        return adapter_conditioning(load_checkpoint_adapter(checkpoint), self.llm)
+
+    def evaluation(self, arm: str, seed: int, step: int, with_alignment: bool) -> dict:
+        """{'eps': [per triplet], 'checks': [per prompt] or absent}, computed once and cached."""
+        from .evaluate import alignment, eps_mse
+
+        folder = (self.out / "teacher" if arm == "teacher" else self.run_dir(arm, seed)) / "eval"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"seed{seed}-step{step:08d}.json"
+        result = _read(path) or {}
+        conditioning = None
+        if "eps" not in result:
+            conditioning = self.conditioning(arm, seed, step)
+            result["eps"] = eps_mse(self.base, conditioning, self.triplets).tolist()
+        if with_alignment and "checks" not in result:
+            conditioning = conditioning or self.conditioning(arm, seed, step)
+            _, result["checks"] = alignment(self.base, conditioning, self.prompts, self.sampler_steps, self.guidance,
+                                            seed=seed)
+        _write(path, result)
+        return result
+
+    def step_cpu_seconds(self, arm: str, seed: int) -> np.ndarray:
+        """Cumulative CPU seconds of the trainer after each step (its own measurement, teacher included)."""
+        timings = _read(self.run_dir(arm, seed) / "timings.json")
+        return np.cumsum(timings["step_cpu_times_s"])
+
+
+def _checks_matrix(evals: list[dict], check: str) -> np.ndarray:
+    """[seeds, prompts] of one check (prompts where it applies)."""
+    return np.array([[c[check] for c in e["checks"] if check in c] for e in evals], dtype=np.float64)
+
+
+def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
+    from .stats import mean_ci, paired_ci
+
+    steps = list(range(study.every, study.steps + 1, study.every))
+    final = {}
+    for arm in ["teacher", *arms]:
+        final[arm] = [study.evaluation(arm, s, study.steps if arm != "teacher" else 0, True) for s in seeds]
+    checks = sorted({k for e in final["teacher"] for c in e["checks"] for k in c}, key=lambda k: (k == "overall", k))
+    results: dict = {"seeds": seeds, "prompts": len(study.prompts), "steps": study.steps, "every": study.every,
+                     "final": {}, "comparisons": {}, "curves": {}, "time_to_target": {}}
+    for arm, evals in final.items():
+        results["final"][arm] = {c: mean_ci(_checks_matrix(evals, c)) for c in checks}
+        results["final"][arm]["eps_mse"] = mean_ci(np.array([e["eps"] for e in evals]))
+    pairs = [("dynamic-kl", "last-layer"), ("dynamic-kl", "teacher"), ("last-layer", "teacher"),
+             ("timestep-aware", "dynamic-kl")]
+    for a, b in pairs:
+        if a in final and b in final:
+            comparison = {c: paired_ci(_checks_matrix(final[a], c), _checks_matrix(final[b], c)) for c in checks}
+            comparison["eps_mse"] = paired_ci(np.array([e["eps"] for e in final[a]]), np.array([e["eps"] for e in final[b]]))
+            results["comparisons"][f"{a} - {b}"] = comparison
+
+    weighting = [a for a in WEIGHTING_ARMS if a in arms]
+    if BASELINE in weighting:
+        for arm in weighting:
+            curve = {"step": steps, "eps_mse": [], "overall": []}
+            for step in steps:
+                evals = [study.evaluation(arm, s, step, True) for s in seeds]
+                curve["eps_mse"].append(float(np.mean([e["eps"] for e in evals])))
+                curve["overall"].append(float(np.mean(_checks_matrix(evals, "overall"))))
+            results["curves"][arm] = curve
+        target = {"eps_mse": results["curves"][BASELINE]["eps_mse"][-1], "overall": results["curves"][BASELINE]["overall"][-1]}
+        for arm in weighting:
+            cpu = np.mean([study.step_cpu_seconds(arm, s) for s in seeds], axis=0)
+            row = {"cpu_s_per_step": float(cpu[-1] / len(cpu))}
+            for metric, better in (("eps_mse", np.less_equal), ("overall", np.greater_equal)):
+                reached = [st for st, v in zip(steps, results["curves"][arm][metric]) if better(v, target[metric])]
+                row[metric] = ({"steps": reached[0], "cpu_s": float(cpu[reached[0] - 1])} if reached else None)
+            results["time_to_target"][arm] = row
+        results["target"] = target
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    from .report import markdown_table
+
+    fmt = lambda m: f"{m[0]:.3f} [{m[1]:.3f}, {m[2]:.3f}]"  # noqa: E731
+    dfmt = lambda m: f"{m[0]:+.3f} [{m[1]:+.3f}, {m[2]:+.3f}]"  # noqa: E731
+    arms = list(results["final"])
+    checks = [c for c in results["final"]["teacher"] if c != "eps_mse"]
+    out = [f"Seeds {results['seeds']}, {results['prompts']} held-out prompts, {results['steps']} adapter steps. "
+           "Mean [95% paired bootstrap CI over prompts and seeds].", "",
+           "### Final alignment (accuracy per check) and validation epsilon-MSE", "",
+           markdown_table(["check", *arms], [[c, *(fmt(results["final"][a][c]) for a in arms)] for c in [*checks, "eps_mse"]])]
+    if results["comparisons"]:
+        names = list(results["comparisons"])
+        out += ["", "### Differences", "", markdown_table(
+            ["check", *names], [[c, *(dfmt(results["comparisons"][n][c]) for n in names)] for c in [*checks, "eps_mse"]])]
+    if results["time_to_target"]:
+        t = results["target"]
+        rows = []
+        base = results["time_to_target"].get(BASELINE, {})
+        for arm, row in results["time_to_target"].items():
+            cells = [arm, f"{row['cpu_s_per_step']:.2f}"]
+            for metric in ("eps_mse", "overall"):
+                hit, ref = row[metric], base.get(metric)
+                cells += ["not reached", "-"] if hit is None else [
+                    f"{hit['steps']} ({hit['cpu_s'] / 60:.1f} CPU-min)",
+                    f"{hit['cpu_s'] / ref['cpu_s']:.2f}" if ref else "-"]
+            rows.append(cells)
+        out += ["", f"### Time to reach {BASELINE}'s final quality (eps-MSE {t['eps_mse']:.4f}, overall {t['overall']:.3f})",
+                "", markdown_table(["arm", "CPU s/step", "steps to eps-MSE", "time ratio", "steps to overall", "time ratio"], rows)]
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.shapes.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
+    parser.add_argument("--out", type=Path, default=Path("outputs/shapes-study"))
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--arms", nargs="+", default=list(TRAINED_ARMS), choices=TRAINED_ARMS)
+    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--prompts", type=int, default=200)
+    parser.add_argument("--triplets", type=int, default=256)
+    parser.add_argument("--sampler-steps", type=int, default=25)
+    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--quick", action="store_true", help="miniature untrained assets (tests only)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import torch
+    from tqdm.auto import tqdm
+
+    from .assets import ensure_assets
+
+    if args.steps % args.every:
+        parser.error(f"--steps ({args.steps}) must be a multiple of --every ({args.every})")
+    torch.set_num_threads(1)
+    study = Study(ensure_assets(args.assets, quick=args.quick), args.out, args.steps, args.every, args.prompts, args.triplets,
+                  args.sampler_steps, args.guidance, *((64, ("--batch-size", "4")) if args.quick else ()))
+    jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    for arm, seed in tqdm(jobs, desc="training arms"):
+        study.train(arm, seed)
+    results = analyse(study, args.arms, args.seeds)
+    _write(args.out / "results.json", results)
+    (args.out / "results.md").write_text(results_markdown(results), encoding="utf-8")
+    print(results_markdown(results))
+    print(f"written: {args.out / 'results.md'}, {args.out / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""A few-step smoke run of the whole shapes pipeline: `make demo` and the study, on miniature untrained assets.
+
+The point is the plumbing, not the numbers (untrained models score zero): assets -> training scenes ->
+an adapter trained through `python -m training.train` with the real presets -> the same sampler for the
+teacher and the adapter -> the scorer -> the files each command promises.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bench.shapes.assets import ASSETS_VERSION, ensure_assets
+from support.cache import cache_dir
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def quick_assets():
+    return ensure_assets(cache_dir() / f"shapes-assets-quick-v{ASSETS_VERSION}", seed=0, quick=True)
+
+
+def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLMDIFF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets, tmp_path):
+    out = tmp_path / "demo"
+    result = _run(["-m", "bench.demo", "--quick", "--assets", str(quick_assets), "--out", str(out), "--steps", "3",
+                   "--prompts", "6", "--sampler-steps", "2"], tmp_path)
+    assert f"outputs in {out.resolve()}" in result.stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["prompts"] == 6 and set(metrics["arms"]) == {"teacher (bag of words)", "adapter (tiny LM, all layers)"}
+    for arm in metrics["arms"].values():
+        assert {"colour", "shape", "binding", "overall"} <= set(arm)
+    assert set(metrics["eps_mse_val"].values()) and all(v > 0 for v in metrics["eps_mse_val"].values())
+    run = Path(metrics["adapter_run"])
+    assert (run / "adapter.safetensors").is_file() and "--preset dynamic-kl" in (run / "train.log").read_text() or \
+        json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["config"]["loss"]["teacher_schedule"] == "cosine"
+    grid = Image.open(out / "samples.png")
+    assert grid.width > 4 * 2 * 64  # four prompt cells per row, teacher and adapter side by side
+    report = (out / "report.md").read_text()
+    assert "| check | prompts | teacher | adapter |" in report and "samples.png" in report
+
+    # a second run reuses the trained adapter instead of training again
+    again = _run(["-m", "bench.demo", "--quick", "--assets", str(quick_assets), "--out", str(out), "--steps", "3",
+                  "--prompts", "6", "--sampler-steps", "2"], tmp_path)
+    assert "train:" not in again.stderr
+
+
+def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets, tmp_path):
+    out = tmp_path / "study"
+    _run(["-m", "bench.shapes.study", "--quick", "--assets", str(quick_assets), "--out", str(out), "--seeds", "0",
+          "--arms", "min-snr", "dynamic-kl", "--steps", "2", "--every", "1", "--prompts", "4", "--triplets", "8",
+          "--sampler-steps", "2"], tmp_path)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["final"]) == {"teacher", "min-snr", "dynamic-kl"}
+    assert set(results["time_to_target"]) == {"min-snr", "dynamic-kl"}
+    assert results["time_to_target"]["min-snr"]["eps_mse"]["steps"] <= 2  # the baseline reaches its own final value
+    assert len(results["curves"]["dynamic-kl"]["eps_mse"]) == 2
+    assert "dynamic-kl - teacher" in results["comparisons"]
+    table = (out / "results.md").read_text()
+    assert "Time to reach min-snr's final quality" in table
+    evals = sorted((out / "runs" / "dynamic-kl-s0" / "eval").glob("*.json"))
+    assert [p.name for p in evals] == ["seed0-step00000001.json", "seed0-step00000002.json"]
