@@ -91,6 +91,13 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- init
 
 
+def folder_tokenizer(folder: Path):
+    """The folder's tokenizer, as load_llm loads it (its chat template is recorded into a new adapter)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+
+
 def llm_info_from_folder(folder: Path):
     """LLMInfo from config.json and the tokenizer alone: creating an adapter needs no LLM weights.
 
@@ -127,6 +134,7 @@ def cmd_init(args) -> int:
     from .config import AdapterConfig, ArchConfig, TemplateConfig, make_target
     from .file_format import save_adapter
     from .model import LLMDiffAdapter
+    from .template import record_chat_template
 
     if args.out.exists() and not args.force:
         raise UsageError(f"{args.out} exists; pass --force to overwrite it")
@@ -139,7 +147,8 @@ def cmd_init(args) -> int:
                       timestep_aware=args.timestep_aware, timestep_blocks=args.timestep_blocks)
     template.validate()
     arch.validate()
-    config = AdapterConfig(llm=llm_info_from_folder(args.llm), target=target, template=template, arch=arch)
+    config = AdapterConfig(llm=llm_info_from_folder(args.llm), target=target, arch=arch,
+                           template=record_chat_template(template, folder_tokenizer(args.llm)))
     config.validate()
     if config.target.num_tokens % 77:
         print(f"note: {config.target.num_tokens} tokens is not a multiple of 77, so ComfyUI cannot batch this "
@@ -162,6 +171,7 @@ def describe(path: Path, adapter, file_version: str) -> str:
     c = adapter.config
     llm, target, arch, template = c.llm, c.target, c.arch, c.template
     pooled = f", pooled [{target.pooled_dim}]" if target.pooled_dim else ""
+    chat = "off" if not template.use_chat_template else "on (recorded)" if template.chat_template else "on (the tokenizer's)"
     lines = [
         f"file:        {path}",
         f"format:      llm-diff-adapter, format_version {file_version}",
@@ -174,7 +184,7 @@ def describe(path: Path, adapter, file_version: str) -> str:
         f"{'on' if arch.per_layer_norm else 'off'}, dropout {arch.dropout:g}",
         f"timestep:    " + (f"aware (last {arch.timestep_blocks} resampler block(s) modulated; without a timestep it uses "
                             f"the fixed fallback t = {FALLBACK_TIMESTEP:g})" if arch.timestep_aware else "static"),
-        f"template:    chat template {'on' if template.use_chat_template else 'off'}, "
+        f"template:    chat template {chat}, "
         f"system prompt {template.system_prompt!r}, instruction {template.instruction!r}, "
         f"max {template.max_tokens} tokens, truncation at the {template.truncation}",
         f"concat_clip: {'yes' if c.concat_clip else 'no'}",

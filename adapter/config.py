@@ -22,6 +22,11 @@ class TemplateConfig:
     instruction: str = ""  # put before the user's prompt, inside the user turn (Sana / Lumina2 style)
     max_tokens: int = 256  # budget for the user's prompt span, in tokens
     truncation: str = "end"  # "end": drop the prompt's tail, with a warning the caller can show
+    # The chat template (Jinja) the adapter was made with, recorded from the training tokenizer by
+    # template.record_chat_template (`adapter init`, the trainer). It is used instead of the tokenizer's
+    # own on every path, so another packaging of the same tokenizer (ComfyUI's single files carry none, or
+    # another release's) renders the same tokens. "" (files made before it existed) = the tokenizer's own.
+    chat_template: str = ""
 
     def validate(self) -> None:
         if self.max_tokens < 1:

@@ -32,6 +32,7 @@ from torch import nn
 from .config import LLMInfo, TemplateConfig
 from .errors import LLMLoadError
 from .fingerprint import tokenizer_fingerprint
+from .quantization import bitsandbytes_config
 from .template import PromptInfo, tokenize_prompts
 
 __all__ = ["DecoderParts", "EncodedPrompts", "LoadedLLM", "encode_prompts", "find_decoder_parts", "load_llm", "run_llm"]
@@ -64,6 +65,12 @@ class LoadedLLM:
     info: LLMInfo
     device: torch.device
     dtype: torch.dtype
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, L+1, T, H] pre-final-norm states (run_llm). The backend contract: encode_prompts calls only
+        this, `.tokenizer` and `.device`, so another implementation of the same LLM (ComfyUI's, in
+        nodes/comfy_llm.py) plugs in by providing them."""
+        return run_llm(self.model, input_ids, attention_mask)
 
 
 @dataclass
@@ -143,7 +150,7 @@ def encode_prompts(llm: LoadedLLM, template: TemplateConfig, prompts: list[str])
     tokens = tokenize_prompts(llm.tokenizer, template, prompts)
     input_ids = tokens.input_ids.to(llm.device)
     attention_mask = tokens.attention_mask.to(llm.device)
-    hidden_states = run_llm(llm.model, input_ids, attention_mask)
+    hidden_states = llm.hidden_states(input_ids, attention_mask)
     return EncodedPrompts(hidden_states, attention_mask, tokens.infos)
 
 
@@ -178,14 +185,22 @@ def _check_folder(path: Path) -> None:
                            "tokenizer files from the model's release")
 
 
-def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remote_code: bool = False) -> LoadedLLM:
-    """Load a decoder-only LLM folder offline, without its LM head; raises LLMLoadError naming the problem."""
+def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remote_code: bool = False,
+             quantization: str = "none") -> LoadedLLM:
+    """Load a decoder-only LLM folder offline, without its LM head; raises LLMLoadError naming the problem.
+
+    quantization "8bit" / "4bit": bitsandbytes on a CUDA device (adapter/quantization.py); the model is
+    then loaded straight onto `device` (bitsandbytes quantises while loading) and `dtype` is the dtype
+    of the other weights and the 4-bit compute dtype.
+    """
     from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     path = Path(os.fspath(path)).expanduser()
     device = torch.device(device)
     if device.type == "cpu" and dtype == torch.float16:
         raise LLMLoadError("float16 does not run on a CPU; load the LLM in float32 (or bfloat16) there")
+    quantization_config = bitsandbytes_config(quantization, device, dtype)
+    quantized = {} if quantization_config is None else dict(quantization_config=quantization_config, device_map={"": device})
     _check_folder(path)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
@@ -201,13 +216,15 @@ def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remot
                        config.model_type)
     try:
         model = AutoModel.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
-                                          trust_remote_code=trust_remote_code, use_safetensors=True)
+                                          trust_remote_code=trust_remote_code, use_safetensors=True, **quantized)
     except Exception as err:  # corrupt or truncated safetensors, shape mismatches, ...: say which folder
         raise LLMLoadError(f"cannot load the LLM weights in {path}: {err}; copy the weight files again") from err
     built_class = type(model).__name__  # what architecture reports when config.json names none
     model = _base_model(model)  # multimodal: keep the text decoder only (the vision tower is dropped)
     parts = find_decoder_parts(model)
-    model.to(device).eval().requires_grad_(False)
+    if not quantized:  # a quantised model is already on `device` (and bitsandbytes 8-bit refuses .to)
+        model.to(device)
+    model.eval().requires_grad_(False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as err:

@@ -4,7 +4,8 @@ The template (TemplateConfig, stored in the adapter file) governs training and i
 so everything here is deterministic and depends only on the tokenizer, the template and the prompt.
 
 Rendering
-- Chat path (`use_chat_template` and the tokenizer has a chat template): the messages are an
+- Chat path (`use_chat_template`, and a chat template: the one recorded in the template, else the
+  tokenizer's): the messages are an
   optional system turn (only when `system_prompt` is set) and one user turn holding
   `instruction + prompt`, rendered with `add_generation_prompt=False` (the adapter reads the
   prompt, nothing is generated) and `enable_thinking=False` (Qwen3's switch; it only ever changes
@@ -42,6 +43,7 @@ do that.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -49,7 +51,8 @@ import torch
 from .config import TemplateConfig
 from .errors import AdapterError
 
-__all__ = ["TemplateConfig", "PromptInfo", "TokenizedPrompts", "tokenize_prompts", "render_prompt"]
+__all__ = ["TemplateConfig", "PromptInfo", "TokenizedPrompts", "record_chat_template", "render_prompt",
+           "tokenize_prompts"]
 
 # Private-use code points: no chat template writes or alters them, no real prompt contains them.
 _MARKER = "\ue000llm-diff-adapter-prompt\ue001"
@@ -91,7 +94,7 @@ class _Rendered:
 def render_prompt(tokenizer, template: TemplateConfig, prompt: str) -> tuple[str, int, int, list[int]]:
     """The rendered text, the prompt's character range in it, and ids to put before the text's tokens."""
     prompt = prompt.strip()
-    if template.use_chat_template and getattr(tokenizer, "chat_template", None):
+    if template.use_chat_template and (template.chat_template or getattr(tokenizer, "chat_template", None)):
         before, after = _chat_frame(tokenizer, template)
         prefix_ids: list[int] = []  # the chat template writes its own BOS where the model expects one
     else:
@@ -107,12 +110,12 @@ def _chat_frame(tokenizer, template: TemplateConfig) -> tuple[str, str]:
     if template.system_prompt:
         messages = [{"role": "system", "content": template.system_prompt}, user]
         try:
-            text = _apply(tokenizer, messages)
+            text = _apply(tokenizer, messages, template.chat_template)
         except TemplateError:  # the template's raise_exception(): it has no system role (Gemma 2)
             folded = template.system_prompt + "\n\n" + template.instruction + _MARKER
-            text = _apply(tokenizer, [{"role": "user", "content": folded}])
+            text = _apply(tokenizer, [{"role": "user", "content": folded}], template.chat_template)
     else:
-        text = _apply(tokenizer, [user])
+        text = _apply(tokenizer, [user], template.chat_template)
     if text.count(_MARKER) != 1:
         raise AdapterError(
             "the tokenizer's chat template does not copy the user's message into its output exactly once, so the "
@@ -122,8 +125,23 @@ def _chat_frame(tokenizer, template: TemplateConfig) -> tuple[str, str]:
     return before, after
 
 
-def _apply(tokenizer, messages: list[dict]) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False, enable_thinking=False)
+def _apply(tokenizer, messages: list[dict], chat_template: str) -> str:
+    return tokenizer.apply_chat_template(messages, chat_template=chat_template or None, tokenize=False,
+                                         add_generation_prompt=False, enable_thinking=False)
+
+
+def record_chat_template(template: TemplateConfig, tokenizer) -> TemplateConfig:
+    """`template` with the chat template it renders with `tokenizer` written into it, for a new adapter.
+
+    From then on the adapter renders the same tokens with any packaging of the same tokenizer (the
+    fingerprint checks the vocabulary, not the chat template). A tokenizer without a chat template
+    renders the plain path, so that is recorded as `use_chat_template = False`.
+    """
+    if not template.use_chat_template or template.chat_template:
+        return template
+    if not getattr(tokenizer, "chat_template", None):
+        return dataclasses.replace(template, use_chat_template=False)
+    return dataclasses.replace(template, chat_template=tokenizer.get_chat_template())
 
 
 def _plain_prefix_ids(tokenizer, instruction: str) -> list[int]:

@@ -8,10 +8,12 @@ import torch
 import comfy.model_management as mm
 
 from .encode_cache import EncodeCache
-from .handles import AdapterHandle, LLMHandle, load_for_encoding
+from .handles import AdapterHandle, LLMHandle
+from .memory import adapter_working_memory, encode_working_memory, llm_on_device, llm_shape, load_adapter_for_run
 
-# Module-level so it outlives single prompts; bounded (see encode_cache.py for the size).
-ENCODE_CACHE = EncodeCache()
+# Module-level so it outlives single prompts; bounded by entries and bytes, stored on ComfyUI's
+# intermediate device (see encode_cache.py).
+ENCODE_CACHE = EncodeCache(storage_device=mm.intermediate_device)
 
 
 class AdapterEncoding(NamedTuple):
@@ -19,6 +21,10 @@ class AdapterEncoding(NamedTuple):
     pooled: Optional[torch.Tensor]  # [1, P] or None
     prompt_info: object  # adapter.PromptInfo
     from_cache: bool
+    # Timestep-aware adapters only (else None): the prompt's timestep-independent part
+    # (adapter.model.EncodedStates) and its [1, T] mask, for LLMDiffApplyAdapter (nodes/step_states.py).
+    states: Optional[object] = None
+    mask: Optional[torch.Tensor] = None
 
 
 def encode_with_adapter(llm: LLMHandle, adapter: AdapterHandle, text: str) -> AdapterEncoding:
@@ -28,19 +34,27 @@ def encode_with_adapter(llm: LLMHandle, adapter: AdapterHandle, text: str) -> Ad
     if hit is not None:
         return hit._replace(from_cache=True)
 
-    from ..adapter import encode_prompts
+    from ..adapter import encode_prompts, tokenize_prompts
 
     mm.throw_exception_if_processing_interrupted()
-    load_for_encoding(llm, adapter)
+    template = adapter.config.template
+    # The exact sequence length for the memory estimate (tokenizing again inside encode_prompts costs ~1 ms).
+    num_tokens = tokenize_prompts(llm.loaded.tokenizer, template, [text]).input_ids.shape[1]
+    shape = llm_shape(llm)
     with torch.no_grad():
-        encoded = encode_prompts(llm.loaded, adapter.config.template, [text])
+        with llm_on_device(llm, memory_required=encode_working_memory(shape, num_tokens)):
+            encoded = encode_prompts(llm.loaded, template, [text])
         mm.throw_exception_if_processing_interrupted()
+        load_adapter_for_run(adapter, memory_required=adapter_working_memory(shape, num_tokens))
         device = adapter.patcher.load_device
-        out = adapter.module(encoded.hidden_states.to(device=device, dtype=torch.float32), encoded.attention_mask.to(device))
-    keep = lambda t: None if t is None else t.detach().to(device=mm.intermediate_device(), dtype=torch.float32)  # noqa: E731
-    result = AdapterEncoding(keep(out.context), keep(out.pooled), encoded.infos[0], from_cache=False)
-    ENCODE_CACHE.put(key, result)
-    return result
+        mask = encoded.attention_mask.to(device)
+        states = adapter.module.encode_states(encoded.hidden_states.to(device=device, dtype=torch.float32), mask)
+        out = adapter.module.decode(states, mask)  # exactly adapter.module(hidden_states, mask)
+    as_fp32 = lambda t: None if t is None else t.to(dtype=torch.float32)  # noqa: E731
+    step = (states, mask) if adapter.module.timestep_aware else (None, None)
+    # put() detaches and moves the tensors to the intermediate device; the conditioning uses that copy.
+    return ENCODE_CACHE.put(key, AdapterEncoding(as_fp32(out.context), as_fp32(out.pooled), encoded.infos[0], from_cache=False,
+                                                 states=step[0], mask=step[1]))
 
 
 def encode_with_clip(clip, text: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:

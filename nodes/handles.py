@@ -34,11 +34,13 @@ class ModuleHolder(torch.nn.Module):
         self.inner = inner
 
 
-def make_patcher(module: torch.nn.Module) -> comfy.model_patcher.ModelPatcher:
-    """Wrap `module` so ComfyUI can load it on the text-encoder device and offload it under pressure."""
+def make_patcher(module: torch.nn.Module, load_device=None, offload_device=None) -> comfy.model_patcher.ModelPatcher:
+    """Wrap `module` so ComfyUI can load it on the text-encoder device and offload it under pressure
+    (other devices only where the weights cannot move: a bitsandbytes-quantised LLM)."""
     holder = ModuleHolder(module)
     return comfy.model_patcher.ModelPatcher(
-        holder, load_device=mm.text_encoder_device(), offload_device=mm.text_encoder_offload_device()
+        holder, load_device=load_device or mm.text_encoder_device(),
+        offload_device=offload_device or mm.text_encoder_offload_device(),
     )
 
 
@@ -81,6 +83,9 @@ class LLMHandle:
     patcher: comfy.model_patcher.ModelPatcher
     name: str  # folder name as picked in the node
     identity: str  # folder + dtype + config.json stamp: the encode cache's key for "which LLM"
+    memory_mode: str = "auto"  # nodes.memory.MEMORY_MODES: what happens to the weights after each run
+    backend: str = "transformers"  # "transformers" (adapter.LoadedLLM) or "comfyui" (nodes.comfy_llm.ComfyLLM)
+    partial_load: bool = False  # True when ComfyUI may leave part of the weights offloaded (comfy.ops layers)
 
     @property
     def info(self):
@@ -99,14 +104,3 @@ class AdapterHandle:
     @property
     def config(self):
         return self.module.config
-
-
-def load_for_encoding(llm: LLMHandle, adapter: AdapterHandle) -> None:
-    """Ask ComfyUI to put both models on their load device (offloading others if it must)."""
-    mm.load_models_gpu([llm.patcher, adapter.patcher], force_full_load=True)
-    # ModelPatcher moved the weights; keep LoadedLLM's own record in step so inputs follow them.
-    if hasattr(llm.loaded, "device"):
-        try:
-            llm.loaded.device = llm.patcher.load_device
-        except AttributeError:  # a read-only property already follows the weights
-            pass

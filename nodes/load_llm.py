@@ -6,8 +6,13 @@ import os
 
 from comfy_api.latest import io
 
+from .memory import MEMORY_MODE_TOOLTIP, MEMORY_MODES
+from .llm_files import list_llm_files
 from .paths import LLM_FOLDER, list_llms, resolve_in_folder
+from .text_encode import _advanced
 from .types import LLMType
+
+QUANTIZATIONS = ["none", "8bit", "4bit"]  # adapter.quantization.QUANTIZATIONS (not imported: the schema stays light)
 
 log = logging.getLogger(__name__)
 
@@ -21,43 +26,73 @@ class LLMDiffLoadLLM(io.ComfyNode):
             category="conditioning/llm_diff_adapter",
             description=(
                 "Loads a decoder-only LLM (Qwen, Llama, Gemma) in Hugging Face format from models/LLM/<name>/ "
-                "(config.json, safetensors weights, tokenizer files). Nothing is downloaded."
+                "(config.json, safetensors weights, tokenizer files), or a single-file text encoder from "
+                "models/text_encoders through ComfyUI's own implementation. Nothing is downloaded."
             ),
             inputs=[
                 io.Combo.Input(
                     "llm_name",
-                    options=list_llms(),
-                    tooltip="A folder under models/LLM (or an `LLM:` path in extra_model_paths.yaml). "
-                    "It must be the LLM the adapter was trained with.",
+                    options=list_llms() + list_llm_files(),
+                    tooltip="A folder under models/LLM (or an `LLM:` path in extra_model_paths.yaml), or a "
+                    "text_encoders/ single file that ComfyUI loads itself (Qwen 2.5/3, Llama 3, Gemma 2/3 text "
+                    "encoders). It must be the LLM the adapter was trained with.",
                 ),
                 io.Combo.Input(
                     "dtype",
                     options=["auto", "bf16", "fp16", "fp32"],
                     default="auto",
                     tooltip="auto: ComfyUI's text-encoder precision on a GPU, fp32 on a CPU. "
-                    "bf16 halves memory and suits most LLMs; fp16 can overflow in some (Gemma).",
+                    "bf16 halves memory and suits most LLMs; fp16 can overflow in some (Gemma). "
+                    "Folders only: a text_encoders/ file keeps its own precision (fp8 included), as in CLIPLoader.",
                 ),
+                _advanced(io.Combo.Input("memory_mode", options=MEMORY_MODES, default="auto", optional=True,
+                                         tooltip=MEMORY_MODE_TOOLTIP)),
+                _advanced(io.Combo.Input(
+                    "quantization", options=QUANTIZATIONS, default="none", optional=True,
+                    tooltip="8bit / 4bit: load a Hugging Face folder quantised by bitsandbytes (about 1/2 or 1/4 of "
+                    "the bf16 memory; needs an NVIDIA GPU and `pip install bitsandbytes`). The quantised LLM stays on "
+                    "the GPU. none: the dtype above.",
+                )),
             ],
             outputs=[LLMType.Output(display_name="llm", tooltip="The LLM, for LLM Diff Text Encode.")],
         )
 
     @classmethod
-    def execute(cls, llm_name: str, dtype: str) -> io.NodeOutput:
+    def execute(cls, llm_name: str, dtype: str, memory_mode: str = "auto", quantization: str = "none") -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
         from ..adapter import load_llm
         from .handles import LLMHandle, choose_llm_dtype, file_identity, make_patcher
+        from .llm_files import load_llm_file, resolve_llm_file
+        from .memory import check_memory_mode
 
+        check_memory_mode(memory_mode)
+        file_path = resolve_llm_file(llm_name)
+        if file_path is not None:  # a single file: ComfyUI's own implementation, precision and memory handling
+            if quantization != "none":
+                raise ValueError("8/4-bit loading is for Hugging Face folders; single files use ComfyUI's own formats "
+                                 "(fp8 files load as they are). Set quantization to none.")
+            if dtype != "auto":
+                log.info("dtype %s ignored for %s: ComfyUI keeps a single file's own precision", dtype, llm_name)
+            return io.NodeOutput(load_llm_file(file_path, llm_name, memory_mode))
         path = resolve_in_folder(LLM_FOLDER, llm_name, want_dir=True)
-        torch_dtype = choose_llm_dtype(dtype, mm.text_encoder_device())
+        device = mm.text_encoder_device()
+        if quantization != "none" and not mm.is_device_cuda(device):
+            device = mm.get_torch_device()  # ComfyUI may keep text encoders on the CPU (--lowvram); bitsandbytes needs the GPU
+        torch_dtype = choose_llm_dtype(dtype, device)
         progress = comfy.utils.ProgressBar(2)
-        log.info("Loading LLM %s from %s (%s)", llm_name, path, torch_dtype)
-        # Loaded on the offload device; the encode node asks ComfyUI to move it when it runs.
-        loaded = load_llm(path, dtype=torch_dtype, device=mm.text_encoder_offload_device())
+        log.info("Loading LLM %s from %s (%s, quantization %s)", llm_name, path, torch_dtype, quantization)
+        if quantization == "none":  # on the offload device; the encode node asks ComfyUI to move it when it runs
+            loaded = load_llm(path, dtype=torch_dtype, device=mm.text_encoder_offload_device())
+            patcher = make_patcher(loaded.model)
+        else:  # bitsandbytes quantises while loading onto the GPU; we never move those weights (load = offload device)
+            loaded = load_llm(path, dtype=torch_dtype, device=device, quantization=quantization)
+            patcher = make_patcher(loaded.model, load_device=device, offload_device=device)
         progress.update(1)
         mm.throw_exception_if_processing_interrupted()
         config_stamp = file_identity(os.path.join(path, "config.json"))
-        handle = LLMHandle(loaded=loaded, patcher=make_patcher(loaded.model), name=llm_name, identity=f"{config_stamp}|{torch_dtype}")
+        handle = LLMHandle(loaded=loaded, patcher=patcher, name=llm_name, identity=f"{config_stamp}|{torch_dtype}|{quantization}",
+                           memory_mode=memory_mode)
         progress.update(1)
         return io.NodeOutput(handle)

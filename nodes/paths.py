@@ -65,7 +65,7 @@ def list_llms() -> list[str]:
     return sorted(names)
 
 
-def resolve_in_folder(folder_type: str, name: str, want_dir: bool) -> str:
+def resolve_in_folder(folder_type: str, name: str, want_dir: bool, what: str | None = None) -> str:
     """The absolute path of `name` inside one of `folder_type`'s roots, or a ValueError/FileNotFoundError.
 
     ComfyUI's combo validation already rejects names that are not in the list, but a workflow
@@ -74,7 +74,7 @@ def resolve_in_folder(folder_type: str, name: str, want_dir: bool) -> str:
     drive, or `..` that climbs out. Symlinks inside a root are allowed on purpose (people link
     their model stores), so the check is on the normalised name, not the resolved target.
     """
-    what = "LLM folder" if want_dir else "adapter file"
+    what = what or ("LLM folder" if want_dir else "adapter file")
     if not name or not name.strip():
         raise ValueError(f"No {what} selected: put one in models/{folder_type}/ and pick it in the node.")
     normalised = os.path.normpath(name.replace("\\", "/"))

@@ -125,6 +125,10 @@ class LLMDiffTextEncode(io.ComfyNode):
             pooled_blend=pooled_blend if is_sdxl else 0.0, device=mm.intermediate_device(),
             sdxl_size=dict(width=width, height=height, crop_w=crop_w, crop_h=crop_h, target_width=target_width, target_height=target_height) if is_sdxl else None,
         )
+        if encoding.states is not None:  # timestep-aware: the states Apply LLM Diff Adapter decodes at every step
+            from .step_states import attach_step_states
+
+            conditioning = attach_step_states(conditioning, encoding, adapter, llm, llm_strength)
         info = describe_encoding(llm_name=llm.name, llm_info=llm.info, adapter_name=adapter.name, config=config, prompt_info=encoding.prompt_info, notes=notes)
         for line in info.splitlines():
             if line.startswith(("warning:", "truncated:")):
@@ -142,8 +146,9 @@ def _ignored_inputs(config, is_sdxl: bool, has_clip: bool, clip_mode: str, poole
     if config.arch.timestep_aware:
         from ..adapter.model import FALLBACK_TIMESTEP
 
-        notes.append(f"this adapter is timestep-aware; this node conditions it at the fixed timestep {FALLBACK_TIMESTEP:g} "
-                     "for every sampling step")
+        notes.append(f"this adapter is timestep-aware: this CONDITIONING holds its context at the fixed timestep "
+                     f"{FALLBACK_TIMESTEP:g}; pass the model through 'Apply LLM Diff Adapter (timestep-aware)' to "
+                     "recompute it at every sampling step's real timestep")
     if config.concat_clip and clip_mode != "concat":
         notes.append("this adapter was trained with CLIP tokens beside its own: set clip_mode to 'concat' and connect the CLIP for the results it was trained for")
     if not config.concat_clip and clip_mode == "concat":

@@ -50,6 +50,7 @@ from adapter import (
     load_adapter,
     load_llm,
     make_target,
+    record_chat_template,
     save_adapter,
 )
 from training import checkpoint as ckpt
@@ -215,7 +216,8 @@ def build_adapter(cfg: TrainConfig, llm, base: BaseModel) -> LLMDiffAdapter:
         torch.manual_seed(cfg.seed)  # the fresh adapter's initial weights are part of the run's seed
         target = make_target(base.family, num_tokens=cfg.model.num_tokens, context_dim=base.context_dim,
                              pooled_dim=base.pooled_dim)
-        config = AdapterConfig(llm=llm.info, target=target, template=dataclasses.replace(cfg.template),
+        # The chat template is recorded, so every path (ComfyUI's single files too) renders the same tokens.
+        config = AdapterConfig(llm=llm.info, target=target, template=record_chat_template(cfg.template, llm.tokenizer),
                                arch=dataclasses.replace(cfg.arch), concat_clip=cfg.model.concat_clip)
         adapter = LLMDiffAdapter(config)
     adapter.set_attention_backend(cfg.model.attention_backend)

@@ -18,6 +18,7 @@ Model names, exactly as ComfyUI lists them on every server (the node tests and w
     LLM/         tiny-qwen2, tiny-llama, broken-half-copied (tiny-qwen2's config and tokenizer, no weights)
     llm_adapters/ tiny-qwen2-sd15.safetensors, tiny-qwen2-sd2.safetensors, tiny-qwen2-sdxl.safetensors,
                   tiny-llama-sd15.safetensors (an adapter for a DIFFERENT LLM: the mismatch test),
+                  tiny-qwen2-sd15-timestep.safetensors (timestep-aware, modulation weights drawn so t matters),
                   broken-truncated.safetensors (first half of a real adapter file),
                   broken-pickle.safetensors (a torch.save pickle wearing a .safetensors name)
 
@@ -46,7 +47,8 @@ from support import weights as weights_mod
 log = logging.getLogger(__name__)
 
 SDXL_MIN_FREE_GIB = 17
-_ORDER = {"comfy_sd15": 0, "comfy_sd15_core": 0, "comfy_sd2": 1, "comfy_sd2_core": 1, "comfy_sdxl": 2, "comfy_sdxl_core": 2}
+_ORDER = {"comfy_sd15": 0, "comfy_sd15_core": 0, "comfy_sd2": 1, "comfy_sd2_core": 1, "comfy_sdxl": 2, "comfy_sdxl_core": 2,
+          "comfy_qwen25_3b": 3}  # test_comfy_llm.py's own server: after the others, which it stops
 TIMINGS: dict[str, float] = {}  # fixture build wall times, reported at the end of the session
 PEAKS: dict[str, int | None] = {}  # server peak RSS in MB, reported at the end of the session
 
@@ -90,8 +92,8 @@ def _mem_available_gib() -> float:
 
 # --- our models: tiny LLMs and adapters made by the real CLI -------------------------------------------
 
-def _adapter_init(llm: Path, target: str, out: Path) -> None:
-    cmd = [sys.executable, "-m", "adapter", "init", "--llm", str(llm), "--target", target, "--out", str(out)]
+def _adapter_init(llm: Path, target: str, out: Path, *extra: str) -> None:
+    cmd = [sys.executable, "-m", "adapter", "init", "--llm", str(llm), "--target", target, "--out", str(out), *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo_root())] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     proc = subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=300)
     if proc.returncode != 0:
@@ -120,6 +122,9 @@ def _our_models(tmp_path_factory):
             out = folder / "tiny-llama-sd15.safetensors"
             _adapter_init(llms["tiny-llama"], "sd15", out)
             adapters[out.name] = out
+            out = folder / "tiny-qwen2-sd15-timestep.safetensors"
+            _adapter_init(llms["tiny-qwen2"], "sd15", out, "--timestep-aware")
+            adapters[out.name] = _with_timestep_weights(out)
             data = (folder / "tiny-qwen2-sd15.safetensors").read_bytes()
             (folder / "broken-truncated.safetensors").write_bytes(data[: len(data) // 2])
             adapters["broken-truncated.safetensors"] = folder / "broken-truncated.safetensors"
@@ -128,6 +133,23 @@ def _our_models(tmp_path_factory):
     except Exception as exc:  # noqa: BLE001 - reported by every test that needs these models
         log.warning("our models could not be made: %s", exc)
         return llms, adapters, f"{type(exc).__name__}: {exc}"
+
+
+def _with_timestep_weights(path: Path) -> Path:
+    """Give a fresh timestep-aware adapter's modulation values, as training would: at init it is zero, so
+    the adapter equals the static one at every timestep and a test could not see the timestep act."""
+    import torch
+
+    from adapter import load_adapter, save_adapter
+
+    adapter = load_adapter(path)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if ".modulation." in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    save_adapter(path, adapter)
+    return path
 
 
 def _pickle_file(path: Path) -> Path:
@@ -247,3 +269,13 @@ def comfy_sdxl(_servers) -> ComfyServer:
 @pytest.fixture
 def comfy_sdxl_core(_servers) -> ComfyServer:
     return _servers.acquire("sdxl")
+
+
+@pytest.fixture(scope="session")
+def e2e_tools():
+    """This file's helpers for test modules that run a server of their own (test_comfy_llm.py): making an
+    adapter with the real CLI, available RAM, and the timing / peak-RSS tables printed at the end."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(adapter_init=_adapter_init, mem_available_gib=_mem_available_gib, timed=_timed,
+                           timings=TIMINGS, peaks=PEAKS)

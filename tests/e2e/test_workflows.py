@@ -34,15 +34,16 @@ def family_of(workflow: str) -> str:
     return workflow.split("_", 1)[0]
 
 
-def fixture_names(family: str) -> dict[str, dict[str, str]]:
-    """class_type -> {input: the e2e fixture's model name} (see tests/e2e/conftest.py)."""
+def fixture_names(family: str, timestep_aware: bool = False) -> dict[str, dict[str, str]]:
+    """class_type -> {input: the e2e fixture's model name} (see tests/e2e/conftest.py). A workflow with
+    Apply LLM Diff Adapter gets the timestep-aware adapter."""
     return {
         "UNETLoader": {"unet_name": f"{family}_unet_random.safetensors"},
         "VAELoader": {"vae_name": "sdxl_vae_random.safetensors" if family == "sdxl" else "sd_vae_random.safetensors"},
         "CLIPLoader": {"clip_name": "clip_l_random.safetensors"},
         "ControlNetLoader": {"control_net_name": "sd15_controlnet_random.safetensors"},
         "LLMDiffLoadLLM": {"llm_name": "tiny-qwen2"},
-        "LLMDiffLoadAdapter": {"adapter_name": f"tiny-qwen2-{family}.safetensors"},
+        "LLMDiffLoadAdapter": {"adapter_name": f"tiny-qwen2-{family}{'-timestep' if timestep_aware else ''}.safetensors"},
     }
 
 
@@ -54,9 +55,10 @@ def load_api(server: ComfyServer, workflow: str) -> dict:
     api = ui_to_api(ui, server.object_info())
     family = family_of(workflow)
     has_area = bool(nodes_of(api, "ConditioningSetArea"))
+    names = fixture_names(family, timestep_aware=bool(nodes_of(api, "LLMDiffApplyAdapter")))
     for node in api.values():
         inputs = node["inputs"]
-        inputs.update(fixture_names(family).get(node["class_type"], {}))
+        inputs.update(names.get(node["class_type"], {}))
         if node["class_type"] in ("EmptyLatentImage", "EmptyImage"):
             # 128 wide where an area condition needs room for its minimum size (64) to be half the image.
             inputs.update(width=128 if has_area else 64, height=64)
@@ -95,7 +97,8 @@ def server(request):
 
 
 def test_all_workflows_are_shipped():
-    assert set(WORKFLOWS) >= {"sd15_adapter", "sd15_adapter_clip_concat", "sdxl_adapter", "sd2_adapter", "sd15_adapter_controlnet_area"}
+    assert set(WORKFLOWS) >= {"sd15_adapter", "sd15_adapter_clip_concat", "sdxl_adapter", "sd2_adapter", "sd15_adapter_controlnet_area",
+                             "sd15_adapter_timestep_aware"}
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS)

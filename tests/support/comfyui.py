@@ -11,7 +11,7 @@ Pinned API (the node and workflow tests are written against it; extend, never ch
 
     ComfyServer(name="comfy", *, cache_none=False, link_pack=True, extra_args=(), startup_timeout=300)
         A server with its own base directory (a temp dir): models/ (checkpoints, unet, vae, clip,
-        controlnet, LLM, llm_adapters), custom_nodes/ComfyUI-LLM-Diff-Adapter -> this repo (link_pack),
+        controlnet, LLM, llm_adapters, text_encoders), custom_nodes/ComfyUI-LLM-Diff-Adapter -> this repo (link_pack),
         input/, output/, temp/, user/ and server.log. Use as a context manager, or .start() / .stop().
       .link_model(folder, source, name=None) -> str   symlink a file or folder into models/<folder>;
                                                      returns the name ComfyUI lists (works while running)
@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 COMFYUI_VERSION = "0.3.75"
 PACK_DIR_NAME = "ComfyUI-LLM-Diff-Adapter"
-MODEL_FOLDERS = ("checkpoints", "unet", "vae", "clip", "controlnet", "LLM", "llm_adapters")
+MODEL_FOLDERS = ("checkpoints", "unet", "vae", "clip", "controlnet", "LLM", "llm_adapters", "text_encoders")
 # Never let ComfyUI's requirements touch these: torch is the CPU build pinned by requirements-test.txt,
 # and PyPI's torchvision wheel does not import beside it ("operator torchvision::nms does not exist").
 _SKIPPED_REQUIREMENTS = {"torch", "torchvision", "torchaudio"}

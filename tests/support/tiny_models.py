@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from support.cache import cache_dir, comfy_tokenizer_dir
+from support.cache import build_folder_once, cache_dir, comfy_tokenizer_dir
 
 FAMILIES = ("qwen2", "qwen3", "llama", "llama2", "gemma2", "gemma3")
 
@@ -213,20 +213,7 @@ def make_tiny_llm(dest_dir: str | os.PathLike | None = None, family: str = "qwen
     if family not in FAMILIES:
         raise ValueError(f"unknown tiny LLM family {family!r}; choose one of {FAMILIES}")
     dest = Path(dest_dir) if dest_dir is not None else default_dir(family, seed)
-    if (dest / "config.json").is_file():
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}-", dir=dest.parent))
-    try:
-        _build(family, work / "model", seed)
-        try:
-            os.rename(work / "model", dest)
-        except OSError:
-            if not (dest / "config.json").is_file():  # lost a race: fine if the winner finished
-                raise
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return dest
+    return build_folder_once(dest, lambda work: _build(family, work, seed))
 
 
 def make_tiny_multimodal_gemma3(dest_dir: str | os.PathLike, seed: int = 0) -> Path:

@@ -55,6 +55,7 @@ def test_init_writes_the_adapter_the_options_describe(adapter_file, qwen_folder)
     assert config.target == TargetSpec("sdxl", 2048, 1280, 154)
     assert (config.arch.width, config.arch.heads, config.arch.refiner_layers, config.arch.resampler_layers) == (64, 4, 1, 1)
     assert config.template.system_prompt == "Describe the image." and config.template.use_chat_template
+    assert config.template.chat_template == cli.folder_tokenizer(qwen_folder).chat_template  # recorded: governs every path
     assert config.training == {}
 
 

@@ -92,7 +92,8 @@ def test_pack_exports_only_the_v3_entry_point():
     assert callable(pack.comfy_entrypoint)
     # A non-None NODE_CLASS_MAPPINGS would make ComfyUI ignore comfy_entrypoint.
     assert getattr(pack, "NODE_CLASS_MAPPINGS", None) is None
-    assert set(node_classes()) == {"LLMDiffLoadLLM", "LLMDiffLoadAdapter", "LLMDiffTextEncode"}
+    assert set(node_classes()) == {"LLMDiffLoadLLM", "LLMDiffLoadAdapter", "LLMDiffTextEncode", "LLMDiffApplyAdapter",
+                                 "LLMDiffEnhancePrompt", "LLMDiffLLMFromCLIP"}
 
 
 def pack_module(name: str):

@@ -5,7 +5,7 @@ from test_nodes_pack import node_classes
 
 # ComfyUI stores widget values by position: this order may only ever grow at the end.
 CONTRACT = {
-    "LLMDiffLoadLLM": ("Load LLM (decoder-only)", ["llm_name", "dtype"], [], ["LLMDIFF_LLM"]),
+    "LLMDiffLoadLLM": ("Load LLM (decoder-only)", ["llm_name", "dtype"], ["memory_mode", "quantization"], ["LLMDIFF_LLM"]),
     "LLMDiffLoadAdapter": ("Load LLM Diff Adapter", ["adapter_name"], [], ["LLMDIFF_ADAPTER"]),
     "LLMDiffTextEncode": (
         "LLM Diff Text Encode",
@@ -14,6 +14,10 @@ CONTRACT = {
          "width", "height", "crop_w", "crop_h", "target_width", "target_height"],
         ["CONDITIONING", "STRING"],
     ),
+    "LLMDiffApplyAdapter": ("Apply LLM Diff Adapter (timestep-aware)", ["model", "adapter"], [], ["MODEL"]),
+    "LLMDiffEnhancePrompt": ("Enhance prompt with LLM", ["llm", "text", "instruction", "seed", "max_new_tokens"],
+                             ["temperature", "top_p"], ["STRING"]),
+    "LLMDiffLLMFromCLIP": ("LLM from CLIP loader", ["clip"], ["memory_mode"], ["LLMDIFF_LLM"]),
 }
 
 
@@ -47,3 +51,10 @@ def test_rare_knobs_are_advanced_and_options_fixed(infos):
     assert encode["optional"]["clip_mode"][1]["options"] == ["none", "concat"]
     assert encode["required"]["text"][1]["multiline"] is True
     assert infos["LLMDiffLoadLLM"].input["required"]["dtype"][1]["options"] == ["auto", "bf16", "fp16", "fp32"]
+    load_llm = infos["LLMDiffLoadLLM"].input["optional"]
+    assert {name for name, (_t, opts) in load_llm.items() if opts.get("advanced")} == {"memory_mode", "quantization"}
+    assert load_llm["memory_mode"][1]["options"] == ["auto", "keep_loaded", "unload_after"]
+    assert load_llm["quantization"][1]["options"] == ["none", "8bit", "4bit"]
+    enhance = infos["LLMDiffEnhancePrompt"].input
+    assert {name for name, (_t, opts) in enhance["optional"].items() if opts.get("advanced")} == {"temperature", "top_p"}
+    assert enhance["required"]["seed"][1]["control_after_generate"] is True

@@ -184,3 +184,45 @@ def test_bad_inputs_are_refused():
 
     with pytest.raises(AdapterError, match="fast tokenizer"):
         tokenize_prompts(SlowTokenizer(), TemplateConfig(), ["cat"])
+
+
+# ---- a recorded chat template governs whatever the tokenizer carries ------------------------------
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma2"])
+def test_recorded_chat_template_renders_the_same_with_a_tokenizer_packaged_without_it(family):
+    from support.tiny_models import other_tokenizer_packaging
+
+    from adapter.template import record_chat_template
+    tok = tokenizer(family)
+    template = record_chat_template(TemplateConfig(system_prompt="Describe the image."), tok)
+    assert template.chat_template == tok.chat_template and template.use_chat_template
+    bare = other_tokenizer_packaging(make_folder(family), family)  # same vocabulary; qwen: ComfyUI's Qwen2.5 template
+    assert bare.chat_template != tok.chat_template
+    expected = tokenize_prompts(tok, template, PROMPTS)
+    got = tokenize_prompts(bare, template, PROMPTS)
+    assert torch.equal(got.input_ids, expected.input_ids)
+    assert [i.user_span for i in got.infos] == [i.user_span for i in expected.infos]
+    # Without the record, the other packaging renders other tokens (Qwen 2.5's template adds a default system
+    # turn, Gemma's bare tokenizer has no template): this is what the record prevents.
+    plain = TemplateConfig()
+    assert not torch.equal(tokenize_prompts(bare, plain, PROMPTS).input_ids,
+                           tokenize_prompts(tok, record_chat_template(plain, tok), PROMPTS).input_ids)
+
+
+def test_recording_is_a_no_op_where_it_changes_nothing():
+    from adapter.template import record_chat_template
+    llama2 = tokenizer("llama2")  # no chat template: the plain path is what it renders, so that is recorded
+    recorded = record_chat_template(TemplateConfig(), llama2)
+    assert (recorded.use_chat_template, recorded.chat_template) == (False, "")
+    assert torch.equal(tokenize_prompts(llama2, recorded, PROMPTS).input_ids,
+                       tokenize_prompts(llama2, TemplateConfig(), PROMPTS).input_ids)
+    off = TemplateConfig(use_chat_template=False)
+    assert record_chat_template(off, tokenizer("qwen2")) is off
+    custom = TemplateConfig(chat_template="{{ messages[0]['content'] }}")
+    assert record_chat_template(custom, tokenizer("qwen2")) is custom
+
+
+def make_folder(family):
+    from support.tiny_models import make_tiny_llm
+    return make_tiny_llm(family=family)

@@ -1,0 +1,78 @@
+"""LLMDiffEnhancePrompt: expand a short prompt into a dense caption with the loaded LLM (adapter/generate.py)."""
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .text_encode import _advanced
+from .types import LLMType
+
+MAX_NEW_TOKENS = 2048
+# The node's default request (kept here, not in adapter/, so building the schema imports nothing heavy).
+DEFAULT_INSTRUCTION = (
+    "Rewrite the image prompt below as one dense, detailed caption of the image it describes: the subjects and "
+    "their attributes (colour, material, size, count), their positions and relations, the setting, lighting, "
+    "camera view and style. Keep everything the prompt asks for and add nothing that contradicts it. Answer "
+    "with the caption only, in one paragraph."
+)
+
+
+class LLMDiffEnhancePrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="LLMDiffEnhancePrompt",
+            display_name="Enhance prompt with LLM",
+            category="conditioning/llm_diff_adapter",
+            description=(
+                "Rewrites a short prompt as a dense visual caption with the loaded LLM (the same weights, no second "
+                "copy). Adapters trained on dense captions do best with them. Same seed, same text."
+            ),
+            inputs=[
+                LLMType.Input("llm", tooltip="From Load LLM (decoder-only): it needs its output layer (tied embeddings "
+                              "or lm_head weights in the folder); an instruct/chat model follows the instruction best."),
+                io.String.Input("text", multiline=True, dynamic_prompts=True, tooltip="The short prompt to expand."),
+                io.String.Input("instruction", multiline=True, default=DEFAULT_INSTRUCTION,
+                                tooltip="What the LLM is asked to do with the text (sent with it in one user turn of the "
+                                "chat template). The default asks for one dense visual caption."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Sampling seed: the same seed, text and LLM give the same result."),
+                io.Int.Input("max_new_tokens", default=256, min=1, max=MAX_NEW_TOKENS,
+                             tooltip="At most this many tokens are generated (the adapter reads at most its own token "
+                                     "budget, 256 by default, of the result)."),
+                _advanced(io.Float.Input("temperature", default=0.7, min=0.0, max=2.0, step=0.05, optional=True,
+                                         tooltip="Sampling temperature; 0 = greedy (the seed then has no effect).")),
+                _advanced(io.Float.Input("top_p", default=0.9, min=0.05, max=1.0, step=0.05, optional=True,
+                                         tooltip="Nucleus sampling: only the most likely tokens up to this total "
+                                                 "probability are drawn from; 1 = off.")),
+            ],
+            outputs=[io.String.Output(display_name="text", tooltip="The enhanced prompt, for LLM Diff Text Encode.")],
+        )
+
+    @classmethod
+    def execute(cls, llm, text: str, instruction: str, seed: int, max_new_tokens: int, temperature: float = 0.7,
+                top_p: float = 0.9) -> io.NodeOutput:
+        import comfy.model_management as mm
+        import comfy.utils
+
+        from ..adapter.generate import GenerationSettings, build_generation_prompt, enhance_prompt, generation_head
+        from .memory import generate_working_memory, llm_on_device, llm_shape
+
+        if not text.strip():
+            raise ValueError("Enhance prompt with LLM: the text is empty; write a short prompt for the LLM to expand.")
+        settings = GenerationSettings(max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p)
+        head = generation_head(llm.loaded)  # before loading anything: an LLM without one fails at once
+        prompt_tokens = len(build_generation_prompt(llm.loaded.tokenizer, instruction, text))
+        # An untied head is brought to the device for the call; a tied one is the embedding, already there
+        # unless ComfyUI loaded the model partially (then a copy, at most in fp32, is made).
+        head_bytes = head.weight.numel() * 4 if llm.partial_load else 0 if head.tied else head.nbytes
+        memory = generate_working_memory(llm_shape(llm), prompt_tokens + max_new_tokens, head_bytes)
+        progress = comfy.utils.ProgressBar(max_new_tokens)
+
+        def on_token(step: int) -> None:
+            progress.update_absolute(step + 1)
+            mm.throw_exception_if_processing_interrupted()
+
+        with llm_on_device(llm, memory_required=memory):
+            result = enhance_prompt(llm.loaded, text, instruction, settings, head=head, on_token=on_token)
+        progress.update_absolute(max_new_tokens)
+        return io.NodeOutput(result)
