@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .text_encode import _advanced
-from .types import LLMType
+from .types import LLMType, advanced
 
 MAX_NEW_TOKENS = 2048
 # The node's default request (kept here, not in adapter/, so building the schema imports nothing heavy).
@@ -39,9 +38,9 @@ class LLMDiffEnhancePrompt(io.ComfyNode):
                 io.Int.Input("max_new_tokens", default=256, min=1, max=MAX_NEW_TOKENS,
                              tooltip="At most this many tokens are generated (the adapter reads at most its own token "
                                      "budget, 256 by default, of the result)."),
-                _advanced(io.Float.Input("temperature", default=0.7, min=0.0, max=2.0, step=0.05, optional=True,
+                advanced(io.Float.Input("temperature", default=0.7, min=0.0, max=2.0, step=0.05, optional=True,
                                          tooltip="Sampling temperature; 0 = greedy (the seed then has no effect).")),
-                _advanced(io.Float.Input("top_p", default=0.9, min=0.05, max=1.0, step=0.05, optional=True,
+                advanced(io.Float.Input("top_p", default=0.9, min=0.05, max=1.0, step=0.05, optional=True,
                                          tooltip="Nucleus sampling: only the most likely tokens up to this total "
                                                  "probability are drawn from; 1 = off.")),
             ],

@@ -4,8 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .memory import MEMORY_MODE_TOOLTIP, MEMORY_MODES
-from .text_encode import _advanced
-from .types import LLMType
+from .types import LLMType, advanced
 
 
 class LLMDiffLLMFromCLIP(io.ComfyNode):
@@ -23,7 +22,7 @@ class LLMDiffLLMFromCLIP(io.ComfyNode):
             inputs=[
                 io.Clip.Input("clip", tooltip="From CLIPLoader with an LLM text-encoder file (any type setting). "
                               "It must be the LLM the adapter was trained with (the tokenizer fingerprint is checked)."),
-                _advanced(io.Combo.Input("memory_mode", options=MEMORY_MODES, default="auto", optional=True,
+                advanced(io.Combo.Input("memory_mode", options=MEMORY_MODES, default="auto", optional=True,
                                          tooltip=MEMORY_MODE_TOOLTIP)),
             ],
             outputs=[LLMType.Output(display_name="llm", tooltip="The LLM, for LLM Diff Text Encode.")],

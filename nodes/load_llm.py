@@ -9,8 +9,7 @@ from comfy_api.latest import io
 from .memory import MEMORY_MODE_TOOLTIP, MEMORY_MODES
 from .llm_files import list_llm_files
 from .paths import LLM_FOLDER, list_llms, resolve_in_folder
-from .text_encode import _advanced
-from .types import LLMType
+from .types import LLMType, advanced
 
 QUANTIZATIONS = ["none", "8bit", "4bit"]  # adapter.quantization.QUANTIZATIONS (not imported: the schema stays light)
 
@@ -45,9 +44,9 @@ class LLMDiffLoadLLM(io.ComfyNode):
                     "bf16 halves memory and suits most LLMs; fp16 can overflow in some (Gemma). "
                     "Folders only: a text_encoders/ file keeps its own precision (fp8 included), as in CLIPLoader.",
                 ),
-                _advanced(io.Combo.Input("memory_mode", options=MEMORY_MODES, default="auto", optional=True,
+                advanced(io.Combo.Input("memory_mode", options=MEMORY_MODES, default="auto", optional=True,
                                          tooltip=MEMORY_MODE_TOOLTIP)),
-                _advanced(io.Combo.Input(
+                advanced(io.Combo.Input(
                     "quantization", options=QUANTIZATIONS, default="none", optional=True,
                     tooltip="8bit / 4bit: load a Hugging Face folder quantised by bitsandbytes (about 1/2 or 1/4 of "
                     "the bf16 memory; needs an NVIDIA GPU and `pip install bitsandbytes`). The quantised LLM stays on "

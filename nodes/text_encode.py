@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from .types import AdapterType, LLMType
+from .types import AdapterType, LLMType, advanced
 
 log = logging.getLogger(__name__)
 
@@ -14,14 +14,8 @@ DEFAULT_SIZE = 1024  # SDXL's native size, as in CLIPTextEncodeSDXL
 SIZE_TIP = "SDXL size conditioning ({}), as in CLIPTextEncodeSDXL. Ignored for SD1.5 / SD2 adapters."
 
 
-def _advanced(widget: io.Input) -> io.Input:
-    """Mark a rare knob `advanced` (the frontend folds it away); 0.3.75's widget constructors lack the argument."""
-    widget.extra_dict["advanced"] = True
-    return widget
-
-
 def _size_input(name: str, default: int, what: str) -> io.Input:
-    return _advanced(io.Int.Input(name, default=default, min=0, max=MAX_RESOLUTION, step=8, optional=True, tooltip=SIZE_TIP.format(what)))
+    return advanced(io.Int.Input(name, default=default, min=0, max=MAX_RESOLUTION, step=8, optional=True, tooltip=SIZE_TIP.format(what)))
 
 
 class LLMDiffTextEncode(io.ComfyNode):
@@ -62,7 +56,7 @@ class LLMDiffTextEncode(io.ComfyNode):
                     "clip_strength", default=1.0, min=0.0, max=10.0, step=0.01, optional=True,
                     tooltip="Multiplies CLIP's tokens in clip_mode 'concat'.",
                 ),
-                _advanced(io.Float.Input(
+                advanced(io.Float.Input(
                     "pooled_blend", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                     tooltip="SDXL pooled vector: 0 = the adapter's, 1 = CLIP's (needs clip), in between = a mix.",
                 )),
