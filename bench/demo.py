@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> Path:
     arms = {"teacher (bag of words)": ev.teacher_conditioning(base), "adapter (tiny LM, all layers)": ev.adapter_conditioning(adapter, llm)}
     images, checks = {}, {}
     for name, conditioning in arms.items():
-        images[name], checks[name] = ev.alignment(base, conditioning, prompts, args.sampler_steps, args.guidance)
+        images[name], checks[name] = ev.alignment(base, conditioning, prompts, args.sampler_steps, args.guidance,
+                                                  desc=f"sampling: {name}")
     triplets = ev.make_triplets(base, n=64 if args.quick else 256)
     mse = {name: float(ev.eps_mse(base, conditioning, triplets).mean()) for name, conditioning in arms.items()}
     stages.update(1)

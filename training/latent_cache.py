@@ -79,12 +79,14 @@ class LatentCache(TensorStore):
 
 
 def fill(dataset: Dataset, cache: LatentCache, encode: Callable[[torch.Tensor], torch.Tensor], indices: list[int],
-         device) -> tuple[dict[int, str], list[str]]:
+         device, show_progress: bool = False) -> tuple[dict[int, str], list[str]]:
     """Make sure the samples at `indices` have a cache entry; returns {index: key} and the names that failed."""
+    from tqdm.auto import tqdm
+
     keys: dict[int, str] = {}
     failed: list[str] = []
     encoded = 0
-    for i in indices:
+    for i in tqdm(indices, desc="latent cache", disable=not show_progress, dynamic_ncols=True, leave=False):
         sample, bucket = dataset.samples[i], dataset.buckets[dataset.bucket_of[i]]
         try:
             key = cache.key(sample.read_bytes(), bucket)

@@ -230,7 +230,7 @@ def cache_latents(cfg: TrainConfig, dataset: Dataset, base: BaseModel, rank: int
     folder = Path(cfg.data.latent_cache_dir or Path(cfg.output_dir) / "latent_cache")
     cache = LatentCache(folder, vae_fingerprint(base.vae))
     mine = list(range(rank, len(dataset.samples), world))
-    _, failed = fill(dataset, cache, base.encode_images, mine, device)
+    _, failed = fill(dataset, cache, base.encode_images, mine, device, show_progress=rank == 0)
     return cache, failed
 
 

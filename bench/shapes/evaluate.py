@@ -51,12 +51,16 @@ def adapter_conditioning(adapter, llm) -> Conditioning:
 
 @torch.no_grad()
 def alignment(base, conditioning: Conditioning, prompts: list[str], steps: int = 25, guidance: float = 4.0,
-              seed: int = 0, batch_size: int = 100) -> tuple[np.ndarray, list[dict[str, bool]]]:
-    """(uint8 images [n, H, W, 3], per-prompt scorer checks). Batch b of the prompts uses seed + b."""
+              seed: int = 0, batch_size: int = 50, desc: str = "") -> tuple[np.ndarray, list[dict[str, bool]]]:
+    """(uint8 images [n, H, W, 3], per-prompt scorer checks). Batch b of the prompts uses seed + b.
+    With `desc`, a progress bar over the batches says what is being sampled."""
+    from tqdm.auto import tqdm
+
     from training.sampling import ddim_sample
 
     images, checks = [], []
-    for b, i in enumerate(range(0, len(prompts), batch_size)):
+    starts = range(0, len(prompts), batch_size)
+    for b, i in enumerate(tqdm(starts, desc=desc, leave=False, disable=not desc, dynamic_ncols=True)):
         chunk = prompts[i:i + batch_size]
         context_at = conditioning(chunk + [""] * len(chunk))
         out = ddim_sample(base, context_at, len(chunk), (IMAGE_SIZE, IMAGE_SIZE), steps, guidance, seed + b).numpy()

@@ -11,6 +11,7 @@ The trainer runs as a subprocess (`python -m training.train --preset <arm> --con
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -42,10 +43,12 @@ def ensure_train_data(folder: str | Path, n: int = TRAIN_IMAGES, seed: int = 0) 
 
 def train_command(assets: Path, data: Path, out: Path, preset: str, seed: int, max_steps: Optional[int] = None,
                   extra: tuple[str, ...] = ()) -> list[str]:
-    """The trainer's command line for one arm of the benchmark."""
+    """The trainer's command line for one arm of the benchmark. The VAE latents are cached beside the data
+    (keys are content hashes plus the VAE's fingerprint), so every arm and seed encodes the images once."""
     cmd = [sys.executable, "-m", "training.train", "--preset", preset, "--config", str(SHAPES_CONFIG),
            "--base-model", str(Path(assets) / BASE_FOLDER), "--llm", str(Path(assets) / LM_FOLDER),
-           "--data", str(data), "--output-dir", str(out), "--seed", str(seed), "--resume", "latest"]
+           "--data", str(data), "--output-dir", str(out), "--seed", str(seed), "--resume", "latest",
+           "--set", f"data.latent_cache_dir={Path(data).parent / (Path(data).name + '-latents')}"]
     if max_steps is not None:
         cmd += ["--max-steps", str(max_steps)]
     return cmd + list(extra)
@@ -64,7 +67,10 @@ def train_adapter(assets: Path, data: Path, out: str | Path, preset: str, seed: 
     logger.info("training %s: %s", out.name, " ".join(cmd))
     with open(out / "train.log", "a", encoding="utf-8") as log_file:
         # stdout (config, summaries) to the log; stderr (tqdm's bar, warnings) to the terminal and the log
-        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.PIPE, text=True, bufsize=1)
+        # One thread: these models are tiny, and on a shared 2-core machine two OpenMP threads per process made
+        # the trainer 5-10x slower while other jobs ran (measured: 1.1 -> 5-10 s/step), see bench/shapes/assets.py.
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
         for line in process.stderr:
             log_file.write(line)
             if not quiet:
