@@ -175,3 +175,21 @@ def test_build_refuses_to_overwrite(assets):
 
     with pytest.raises(FileExistsError, match="--force"):
         build_assets(assets, quick=True)
+
+
+def test_shipped_assets_match_their_manifest_and_this_version():
+    """assets/shapes (what `make demo` uses without an hour-long build) is complete, unaltered and current."""
+    import hashlib
+    from pathlib import Path
+
+    from bench.shapes.assets import DEFAULT_DIR
+
+    root = Path(__file__).resolve().parents[2] / DEFAULT_DIR
+    manifest = read_manifest(root)
+    assert (manifest["version"], manifest["seed"], manifest["quick"]) == (ASSETS_VERSION, 0, False), \
+        "assets/shapes is stale: rebuild it with `make shapes-assets` and commit it"
+    on_disk = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
+    assert on_disk == sorted(manifest["files"])
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256((root / name).read_bytes()).hexdigest() == entry["sha256"], name
+    assert manifest["total_bytes"] < 20e6
