@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> Path:
     rows = []
     for check in names:
         values = {a: [[c[check] for c in checks[a] if check in c]] for a in arms}
-        diff = paired_ci(values[ours], values[teacher])
-        rows.append([check, int(len(values[ours][0])), mean_ci(values[teacher])[0], mean_ci(values[ours])[0],
-                     f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"])
         for a in arms:
             metrics["arms"].setdefault(a, {})[check] = mean_ci(values[a])
+        diff = paired_ci(values[ours], values[teacher])
+        rows.append([check, int(len(values[ours][0])), metrics["arms"][teacher][check][0],
+                     metrics["arms"][ours][check][0], f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"])
         metrics.setdefault("adapter_minus_teacher", {})[check] = diff
     comparison_grid(out / "samples.png", prompts[:GRID_PROMPTS], {"teacher": images[teacher][:GRID_PROMPTS],
                                                                    "adapter": images[ours][:GRID_PROMPTS]})

@@ -101,11 +101,12 @@ class Study:
         if "eps" not in result:
             conditioning = self.conditioning(arm, seed, step)
             result["eps"] = eps_mse(self.base, conditioning, self.triplets).tolist()
+            _write(path, result)
         if with_alignment and "checks" not in result:
             conditioning = conditioning or self.conditioning(arm, seed, step)
             _, result["checks"] = alignment(self.base, conditioning, self.prompts, self.sampler_steps, self.guidance,
                                             seed=seed)
-        _write(path, result)
+            _write(path, result)
         return result
 
     def step_cpu_seconds(self, arm: str, seed: int) -> np.ndarray:
