@@ -27,6 +27,7 @@ import torch
 
 from .config import TARGETS, AdapterConfig, LLMInfo
 from .errors import AdapterFileError, AdapterMismatchError, ConfigError
+from .fingerprint import fingerprint_version, tokenizer_fingerprint
 from .model import LLMDiffAdapter
 
 logger = logging.getLogger(__name__)
@@ -273,12 +274,13 @@ def load_adapter(path: PathLike, device: Union[str, torch.device] = "cpu", dtype
 # ----------------------------------------------------------------------------- validation against the graph
 
 
-def check_llm_matches(config: AdapterConfig, llm_info: LLMInfo) -> None:
+def check_llm_matches(config: AdapterConfig, llm_info: LLMInfo, tokenizer=None) -> None:
     """Raise AdapterMismatchError naming both sides if the LLM is not the one the adapter was built for.
 
     Hidden size, layer count and tokenizer fingerprint must match (they decide what the adapter
     reads). A different architecture name alone only warns: renamed classes and merged
-    fine-tunes of the same model keep all three.
+    fine-tunes of the same model keep all three. `tokenizer` (the LLM's) lets an adapter that
+    recorded an older fingerprint version be checked at that version.
     """
     want = config.llm
     problems = []
@@ -286,8 +288,13 @@ def check_llm_matches(config: AdapterConfig, llm_info: LLMInfo) -> None:
         problems.append(f"hidden size {want.hidden_size} vs {llm_info.hidden_size}")
     if want.num_layers != llm_info.num_layers:
         problems.append(f"{want.num_layers} vs {llm_info.num_layers} layers")
-    if want.tokenizer_fingerprint != llm_info.tokenizer_fingerprint:
-        problems.append(f"tokenizer {want.tokenizer_fingerprint} vs {llm_info.tokenizer_fingerprint}")
+    if not _same_tokenizer(want.tokenizer_fingerprint, llm_info.tokenizer_fingerprint, tokenizer):
+        problem = f"tokenizer {want.tokenizer_fingerprint} vs {llm_info.tokenizer_fingerprint}"
+        if fingerprint_version(want.tokenizer_fingerprint) == 1:
+            problem += (" [the adapter records a version-1 fingerprint, which also counts the vocabulary size and "
+                        "the EOS/UNK ids that tokenizer copies such as ComfyUI's change; with the LLM's Hugging "
+                        "Face folder it validates]")
+        problems.append(problem)
     if problems:
         raise AdapterMismatchError(
             f"this adapter was built for {_describe(want)} but the LLM is {_describe(llm_info)} "
@@ -296,6 +303,16 @@ def check_llm_matches(config: AdapterConfig, llm_info: LLMInfo) -> None:
     if want.architecture != llm_info.architecture:
         logger.warning("adapter was built for %s, the LLM is %s; sizes and tokenizer match, so going ahead",
                        want.architecture, llm_info.architecture)
+
+
+def _same_tokenizer(want: str, have: str, tokenizer) -> bool:
+    """Equal fingerprints; or, for an adapter that recorded an older version, the tokenizer's at that version."""
+    if want == have:
+        return True
+    version = fingerprint_version(want)
+    if tokenizer is None or version is None or fingerprint_version(have) == version:
+        return False
+    return tokenizer_fingerprint(tokenizer, version) == want
 
 
 def _describe(info: LLMInfo) -> str:

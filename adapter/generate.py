@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import LLMLoadError
-from .llm import LoadedLLM, _base_model
-from .template import _plain_prefix_ids
+from .llm import LoadedLLM, text_decoder
+from .template import plain_prefix_ids
 
 __all__ = ["GenerationHead", "GenerationSettings", "build_generation_prompt", "enhance_prompt",
            "generate_tokens", "generation_head", "sample_next_token", "stop_token_ids"]
@@ -89,7 +89,7 @@ class GenerationHead:
 
 
 def _model_config(llm):
-    return getattr(_base_model(llm.model), "config", None)
+    return getattr(text_decoder(llm.model), "config", None)
 
 
 def _read_lm_head(folder: Path) -> Optional[tuple[torch.Tensor, str]]:
@@ -120,8 +120,8 @@ def generation_head(llm) -> GenerationHead:
         tied = bool(getattr(config, "tie_word_embeddings", False))
     softcap = getattr(llm, "final_logit_softcapping", getattr(config, "final_logit_softcapping", None))
     if tied:
-        return GenerationHead(_base_model(llm.model).get_input_embeddings().weight, softcap, "tied input embedding", tied=True)
-    folder = getattr(_base_model(llm.model), "name_or_path", "") if isinstance(llm, LoadedLLM) else ""
+        return GenerationHead(text_decoder(llm.model).get_input_embeddings().weight, softcap, "tied input embedding", tied=True)
+    folder = getattr(text_decoder(llm.model), "name_or_path", "") if isinstance(llm, LoadedLLM) else ""
     found = _read_lm_head(Path(folder)) if folder and Path(folder).is_dir() else None
     if found is None:
         where = f"its weights in {folder} hold no lm_head.weight" if folder else "no lm_head.weight is available for it"
@@ -143,7 +143,7 @@ def build_generation_prompt(tokenizer, instruction: str, text: str) -> list[int]
                                                  add_generation_prompt=True, enable_thinking=False)
         return tokenizer(rendered, add_special_tokens=False)["input_ids"]
     # Plain text: BOS as the encode path writes it (adapter/template.py), then the request.
-    return _plain_prefix_ids(tokenizer, request) + tokenizer(f"{request}\n\nCaption:", add_special_tokens=False)["input_ids"]
+    return plain_prefix_ids(tokenizer, request) + tokenizer(f"{request}\n\nCaption:", add_special_tokens=False)["input_ids"]
 
 
 def stop_token_ids(tokenizer, folder: Optional[str] = None) -> set[int]:
@@ -175,7 +175,7 @@ class _CachedDecoder:
     """transformers decoder with a KV cache: feed the new tokens, get the last position's final hidden state."""
 
     def __init__(self, model, device):
-        self.model, self.device, self.cache = _base_model(model), device, None
+        self.model, self.device, self.cache = text_decoder(model), device, None
 
     def __call__(self, new_ids: list[int]) -> torch.Tensor:
         ids = torch.tensor([new_ids], device=self.device)
@@ -230,7 +230,7 @@ def enhance_prompt(llm, text: str, instruction: str, settings: GenerationSetting
         raise ValueError("the text to enhance is empty: write a short prompt for the LLM to expand")
     head = head if head is not None else generation_head(llm)
     prompt_ids = build_generation_prompt(llm.tokenizer, instruction, text)
-    folder = getattr(_base_model(llm.model), "name_or_path", None) if isinstance(llm, LoadedLLM) else None
+    folder = getattr(text_decoder(llm.model), "name_or_path", None) if isinstance(llm, LoadedLLM) else None
     with torch.no_grad():
         new = generate_tokens(_decoder(llm), head, prompt_ids, settings, stop_token_ids(llm.tokenizer, folder), on_token)
     return _REASONING.sub("", llm.tokenizer.decode(new, skip_special_tokens=True)).strip()

@@ -88,7 +88,7 @@ def _attr_path(module: nn.Module, dotted: str):
     return module
 
 
-def _base_model(model: nn.Module) -> nn.Module:
+def text_decoder(model: nn.Module) -> nn.Module:
     """The text decoder inside `model`: a *ForCausalLM's base model (never run the LM head) and a
     multimodal model's `.language_model` (Gemma 3 4B+), so callers may pass either."""
     while True:
@@ -107,7 +107,7 @@ def find_decoder_parts(model: nn.Module) -> DecoderParts:
     Raises LLMLoadError when the model does not look like a stack of blocks followed by a final
     norm (an encoder, an encoder-decoder, or an unknown layout).
     """
-    model = _base_model(model)
+    model = text_decoder(model)
     layers = next((m for m in (_attr_path(model, a) for a in _LAYER_ATTRS) if isinstance(m, nn.ModuleList)), None)
     norm = next((m for m in (_attr_path(model, a) for a in _NORM_ATTRS) if isinstance(m, nn.Module)), None)
     embed = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -122,7 +122,7 @@ def find_decoder_parts(model: nn.Module) -> DecoderParts:
 
 def run_llm(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """[B, L+1, T, H]: the embedding output and the residual stream after each block, before the final norm."""
-    model = _base_model(model)
+    model = text_decoder(model)
     parts = find_decoder_parts(model)
     norm_inputs: list[torch.Tensor] = []
 
@@ -220,7 +220,7 @@ def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remot
     except Exception as err:  # corrupt or truncated safetensors, shape mismatches, ...: say which folder
         raise LLMLoadError(f"cannot load the LLM weights in {path}: {err}; copy the weight files again") from err
     built_class = type(model).__name__  # what architecture reports when config.json names none
-    model = _base_model(model)  # multimodal: keep the text decoder only (the vision tower is dropped)
+    model = text_decoder(model)  # multimodal: keep the text decoder only (the vision tower is dropped)
     parts = find_decoder_parts(model)
     if not quantized:  # a quantised model is already on `device` (and bitsandbytes 8-bit refuses .to)
         model.to(device)

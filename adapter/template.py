@@ -52,7 +52,7 @@ from .config import TemplateConfig
 from .errors import AdapterError
 
 __all__ = ["TemplateConfig", "PromptInfo", "TokenizedPrompts", "record_chat_template", "render_prompt",
-           "tokenize_prompts"]
+           "plain_prefix_ids", "plain_start_id", "tokenize_prompts"]
 
 # Private-use code points: no chat template writes or alters them, no real prompt contains them.
 _MARKER = "\ue000llm-diff-adapter-prompt\ue001"
@@ -99,7 +99,7 @@ def render_prompt(tokenizer, template: TemplateConfig, prompt: str) -> tuple[str
         prefix_ids: list[int] = []  # the chat template writes its own BOS where the model expects one
     else:
         before, after = template.instruction, ""
-        prefix_ids = _plain_prefix_ids(tokenizer, template.instruction)
+        prefix_ids = plain_prefix_ids(tokenizer, template.instruction)
     return before + prompt + after, len(before), len(before) + len(prompt), prefix_ids
 
 
@@ -144,13 +144,24 @@ def record_chat_template(template: TemplateConfig, tokenizer) -> TemplateConfig:
     return dataclasses.replace(template, chat_template=tokenizer.get_chat_template())
 
 
-def _plain_prefix_ids(tokenizer, instruction: str) -> list[int]:
+def plain_start_id(tokenizer) -> int | None:
+    """The token a plain (no chat template) rendering may start with: BOS; without one pad, then EOS.
+
+    The tokenizer fingerprint (fingerprint.py, version 2) hashes it, because it reaches the adapter."""
+    for candidate in (getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "pad_token_id", None),
+                      getattr(tokenizer, "eos_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return None
+
+
+def plain_prefix_ids(tokenizer, instruction: str) -> list[int]:
     """BOS; without one, a start token only when the empty prompt would otherwise be zero tokens."""
     if tokenizer.bos_token_id is not None:
         return [tokenizer.bos_token_id]
     if instruction and tokenizer(instruction, add_special_tokens=False)["input_ids"]:
         return []
-    fallback = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fallback = plain_start_id(tokenizer)
     if fallback is None:
         raise AdapterError("this tokenizer has no BOS, pad or EOS token, so an empty prompt would be zero tokens; "
                            "set a non-empty instruction in the adapter's template or use a chat template")

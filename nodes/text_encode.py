@@ -89,7 +89,7 @@ class LLMDiffTextEncode(io.ComfyNode):
         from .prompt_weights import strip_prompt_weights
 
         config = adapter.config
-        check_llm_matches(config, llm.info)  # before any work: names both sides and the fix
+        check_llm_matches(config, llm.info, llm.loaded.tokenizer)  # before any work: names both sides and the fix
         if clip_mode == "concat" and clip is None:
             raise ValueError("clip_mode is 'concat' but no CLIP is connected: connect the checkpoint's CLIP or set clip_mode to 'none'.")
         progress = comfy.utils.ProgressBar(2)

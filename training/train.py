@@ -204,7 +204,7 @@ def build_adapter(cfg: TrainConfig, llm, base: BaseModel) -> LLMDiffAdapter:
     if cfg.model.init_adapter:
         adapter = load_adapter(cfg.model.init_adapter)
         config = adapter.config
-        check_llm_matches(config, llm.info)
+        check_llm_matches(config, llm.info, llm.tokenizer)
         where = f"the base model {base.name} ({base.family})"
         check_context_dim(config, base.context_dim, base.pooled_dim if base.family == "sdxl" else None, where)
         if config.concat_clip != cfg.model.concat_clip:

@@ -91,7 +91,7 @@ def assert_node_error(server, api, node_type: str, *phrases: str) -> None:
 def test_adapter_for_a_different_llm(comfy_sd15, api):
     set_input(api, "LLMDiffLoadAdapter", adapter_name="tiny-llama-sd15.safetensors")
     # The tiny LLMs share hidden size and depth; the tokenizers differ. Both sides must be named.
-    assert_node_error(comfy_sd15, api, "LLMDiffTextEncode", "LlamaForCausalLM", "Qwen2ForCausalLM", "tokenizer tokfp1:",
+    assert_node_error(comfy_sd15, api, "LLMDiffTextEncode", "LlamaForCausalLM", "Qwen2ForCausalLM", "tokenizer tokfp2:",
                       "train an adapter for this LLM")
 
 

@@ -102,7 +102,7 @@ def test_init_refuses_bad_input(qwen_folder, tmp_path, capsys):
 def test_inspect_prints_the_config(adapter_file, capsys):
     assert cli.main(["inspect", str(adapter_file)]) == cli.EXIT_OK
     out = capsys.readouterr().out
-    for part in ("format_version 1", "Qwen2ForCausalLM (qwen2), hidden 64, 2 layers", "tokfp1:",
+    for part in ("format_version 1", "Qwen2ForCausalLM (qwen2), hidden 64, 2 layers", "tokfp2:",
                  "sdxl: context [154, 2048], pooled [1280]", "width 64, 4 heads, 1 refiner + 1 resampler",
                  "system prompt 'Describe the image.'", "(untrained)", "layer mix:   0.333 0.333 0.333", "OK"):
         assert part in out, part

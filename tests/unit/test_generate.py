@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from adapter import LLMLoadError, load_llm
 from adapter.generate import (GenerationHead, GenerationSettings, _CachedDecoder, build_generation_prompt,
                               enhance_prompt, generate_tokens, generation_head, sample_next_token, stop_token_ids)
-from adapter.llm import _base_model
+from adapter.llm import text_decoder
 from support.tiny_models import make_tiny_llm
 
 INSTRUCTION = "Describe the picture in detail."
@@ -84,7 +84,7 @@ def test_kv_cache_decoding_equals_recomputing_the_whole_sequence(family):
     llm = load_llm(make_tiny_llm(family=family))
     head = generation_head(llm)
     prompt = build_generation_prompt(llm.tokenizer, INSTRUCTION, "a small red house near the river at night")
-    model = _base_model(llm.model)
+    model = text_decoder(llm.model)
     ids = []
 
     def recompute(new_ids):
@@ -166,7 +166,7 @@ def test_a_backend_without_final_hidden_states_cannot_generate(qwen):
 
 def test_a_backend_with_final_hidden_states_generates_like_transformers(qwen):
     """The duck-typed route ComfyUI-implemented LLMs take (nodes/comfy_llm.py): no KV cache, same tokens."""
-    base = _base_model(qwen.model)
+    base = text_decoder(qwen.model)
 
     class ComfyLike:
         model, tokenizer, info, device, dtype = qwen.model, qwen.tokenizer, qwen.info, qwen.device, qwen.dtype
