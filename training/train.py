@@ -220,6 +220,10 @@ def build_adapter(cfg: TrainConfig, llm, base: BaseModel) -> LLMDiffAdapter:
         config = AdapterConfig(llm=llm.info, target=target, template=record_chat_template(cfg.template, llm.tokenizer),
                                arch=dataclasses.replace(cfg.arch), concat_clip=cfg.model.concat_clip)
         adapter = LLMDiffAdapter(config)
+        if base.text_encoders:  # start from the base's own empty-prompt conditioning (LLMDiffAdapter.start_at)
+            with torch.no_grad():
+                context, pooled = base.encode_clip([""], next(base.text_encoders[0].parameters()).device)
+            adapter.start_at(context[0].cpu(), None if pooled is None else pooled[0].cpu())
     adapter.set_attention_backend(cfg.model.attention_backend)
     return adapter.float().train()
 

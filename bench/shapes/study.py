@@ -1,7 +1,7 @@
 """`make bench-shapes`: the shapes study, with seeds and confidence intervals (issues 5 and 6).
 
     python -m bench.shapes.study [--out outputs/shapes-study] [--seeds 0 1 2] [--steps 600] [--every 100]
-                                 [--prompts 200] [--arms dynamic-kl last-layer ...]
+                                 [--align-every 200] [--prompts 200] [--jobs 2] [--arms dynamic-kl last-layer ...]
 
 Arms (each a trainer preset; the shapes sizes come from bench/shapes/adapter.toml):
     teacher          the base model's own bag-of-words text encoder (no training)
@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
 import numpy as np
@@ -57,12 +58,13 @@ class Study:
     """Trains and evaluates arms on demand, caching every result as JSON under `out`."""
 
     def __init__(self, assets: Path, out: Path, steps: int, every: int, prompts: int, triplets: int, sampler_steps: int,
-                 guidance: float, train_images: int = 8000, extra: tuple[str, ...] = ()):
+                 guidance: float, train_images: int = 8000, extra: tuple[str, ...] = (), align_every: int = 0):
         from .evaluate import load_base_and_llm, make_triplets
         from .pipeline import ensure_train_data
         from .scenes import heldout_prompts
 
         self.assets, self.out, self.steps, self.every = assets, out, steps, every
+        self.align_every = align_every or every
         self.sampler_steps, self.guidance = sampler_steps, guidance
         self.extra = extra  # more trainer flags for every arm (tests: a smaller batch)
         self.data = ensure_train_data(out / f"train-{train_images}", n=train_images)
@@ -124,11 +126,13 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
     from .stats import mean_ci, paired_ci
 
     steps = list(range(study.every, study.steps + 1, study.every))
+    align_steps = [st for st in steps if st % study.align_every == 0 or st == study.steps]
     final = {}
     for arm in ["teacher", *arms]:
         final[arm] = [study.evaluation(arm, s, study.steps if arm != "teacher" else 0, True) for s in seeds]
     checks = sorted({k for e in final["teacher"] for c in e["checks"] for k in c}, key=lambda k: (k == "overall", k))
     results: dict = {"seeds": seeds, "prompts": len(study.prompts), "steps": study.steps, "every": study.every,
+                     "align_every": study.align_every,
                      "final": {}, "comparisons": {}, "curves": {}, "time_to_target": {}}
     for arm, evals in final.items():
         results["final"][arm] = {c: mean_ci(_checks_matrix(evals, c)) for c in checks}
@@ -144,18 +148,19 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
     weighting = [a for a in WEIGHTING_ARMS if a in arms]
     if BASELINE in weighting:
         for arm in weighting:
-            curve = {"step": steps, "eps_mse": [], "overall": []}
+            curve = {"step": steps, "eps_mse": [], "align_step": align_steps, "overall": []}
             for step in steps:
-                evals = [study.evaluation(arm, s, step, True) for s in seeds]
+                evals = [study.evaluation(arm, s, step, step in align_steps) for s in seeds]
                 curve["eps_mse"].append(float(np.mean([e["eps"] for e in evals])))
-                curve["overall"].append(float(np.mean(_checks_matrix(evals, "overall"))))
+                if step in align_steps:
+                    curve["overall"].append(float(np.mean(_checks_matrix(evals, "overall"))))
             results["curves"][arm] = curve
         target = {"eps_mse": results["curves"][BASELINE]["eps_mse"][-1], "overall": results["curves"][BASELINE]["overall"][-1]}
         for arm in weighting:
             cpu = np.mean([study.step_cpu_seconds(arm, s) for s in seeds], axis=0)
             row = {"cpu_s_per_step": float(cpu[-1] / len(cpu))}
-            for metric, better in (("eps_mse", np.less_equal), ("overall", np.greater_equal)):
-                reached = [st for st, v in zip(steps, results["curves"][arm][metric]) if better(v, target[metric])]
+            for metric, at, better in (("eps_mse", steps, np.less_equal), ("overall", align_steps, np.greater_equal)):
+                reached = [st for st, v in zip(at, results["curves"][arm][metric]) if better(v, target[metric])]
                 row[metric] = ({"steps": reached[0], "cpu_s": float(cpu[reached[0] - 1])} if reached else None)
             results["time_to_target"][arm] = row
         results["target"] = target
@@ -169,7 +174,8 @@ def results_markdown(results: dict) -> str:
     dfmt = lambda m: f"{m[0]:+.3f} [{m[1]:+.3f}, {m[2]:+.3f}]"  # noqa: E731
     arms = list(results["final"])
     checks = [c for c in results["final"]["teacher"] if c != "eps_mse"]
-    out = [f"Seeds {results['seeds']}, {results['prompts']} held-out prompts, {results['steps']} adapter steps. "
+    out = [f"Seeds {results['seeds']}, {results['prompts']} held-out prompts, {results['steps']} adapter steps, "
+           f"checkpoints every {results['every']} steps (alignment every {results.get('align_every', results['every'])}). "
            "Mean [95% paired bootstrap CI over prompts and seeds].", "",
            "### Final alignment (accuracy per check) and validation epsilon-MSE", "",
            markdown_table(["check", *arms], [[c, *(fmt(results["final"][a][c]) for a in arms)] for c in [*checks, "eps_mse"]])]
@@ -201,7 +207,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(TRAINED_ARMS), choices=TRAINED_ARMS)
     parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--every", type=int, default=100)
+    parser.add_argument("--every", type=int, default=100, help="checkpoint (and validation epsilon-MSE) every N steps")
+    parser.add_argument("--align-every", type=int, default=200,
+                        help="alignment of the weighting arms every N steps (a multiple of --every)")
+    parser.add_argument("--jobs", type=int, default=2, help="trainer processes at once (one thread each)")
     parser.add_argument("--prompts", type=int, default=200)
     parser.add_argument("--triplets", type=int, default=256)
     parser.add_argument("--sampler-steps", type=int, default=25)
@@ -214,14 +223,22 @@ def main(argv: list[str] | None = None) -> None:
 
     from .assets import ensure_assets
 
-    if args.steps % args.every:
-        parser.error(f"--steps ({args.steps}) must be a multiple of --every ({args.every})")
+    if args.steps % args.every or args.align_every % args.every:
+        parser.error(f"--steps ({args.steps}) and --align-every ({args.align_every}) must be multiples of --every ({args.every})")
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
     torch.set_num_threads(1)
     study = Study(ensure_assets(args.assets, quick=args.quick), args.out, args.steps, args.every, args.prompts, args.triplets,
-                  args.sampler_steps, args.guidance, *((64, ("--batch-size", "4")) if args.quick else ()))
+                  args.sampler_steps, args.guidance, *((64, ("--batch-size", "4")) if args.quick else ()),
+                  align_every=args.align_every)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
-    for arm, seed in tqdm(jobs, desc="training arms"):
-        study.train(arm, seed)
+    # Trainer subprocesses do the work; threads here only wait on them. A failed run stops the study
+    # with its log tail (the others finish their current run first), and a rerun resumes it.
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        futures = [pool.submit(study.train, arm, seed) for arm, seed in jobs]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="training arms"):
+            future.result()
+    torch.set_num_threads(args.jobs)  # evaluation runs in this process once training is done
     results = analyse(study, args.arms, args.seeds)
     _write(args.out / "results.json", results)
     (args.out / "results.md").write_text(results_markdown(results), encoding="utf-8")

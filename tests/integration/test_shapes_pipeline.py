@@ -60,15 +60,17 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
 def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets, tmp_path):
     out = tmp_path / "study"
     _run(["-m", "bench.shapes.study", "--quick", "--assets", str(quick_assets), "--out", str(out), "--seeds", "0",
-          "--arms", "min-snr", "dynamic-kl", "--steps", "2", "--every", "1", "--prompts", "4", "--triplets", "8",
-          "--sampler-steps", "2"], tmp_path)
+          "--arms", "min-snr", "dynamic-kl", "--steps", "2", "--every", "1", "--align-every", "2", "--jobs", "2", "--prompts", "4",
+          "--triplets", "8", "--sampler-steps", "2"], tmp_path)
     results = json.loads((out / "results.json").read_text())
     assert set(results["final"]) == {"teacher", "min-snr", "dynamic-kl"}
     assert set(results["time_to_target"]) == {"min-snr", "dynamic-kl"}
     assert results["time_to_target"]["min-snr"]["eps_mse"]["steps"] <= 2  # the baseline reaches its own final value
-    assert len(results["curves"]["dynamic-kl"]["eps_mse"]) == 2
+    assert len(results["curves"]["dynamic-kl"]["eps_mse"]) == 2  # validation epsilon-MSE at every checkpoint
+    assert results["curves"]["dynamic-kl"]["align_step"] == [2] and len(results["curves"]["dynamic-kl"]["overall"]) == 1
     assert "dynamic-kl - teacher" in results["comparisons"]
     table = (out / "results.md").read_text()
     assert "Time to reach min-snr's final quality" in table
     evals = sorted((out / "runs" / "dynamic-kl-s0" / "eval").glob("*.json"))
     assert [p.name for p in evals] == ["seed0-step00000001.json", "seed0-step00000002.json"]
+    assert "checks" not in json.loads(evals[0].read_text()) and "checks" in json.loads(evals[1].read_text())

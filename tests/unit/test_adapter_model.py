@@ -183,3 +183,22 @@ def test_masked_attention_matches_a_plain_softmax():
             scores = scores.masked_fill(~mask[b], float("-inf"))
             expected = torch.softmax(scores, -1) @ v[b, :, h]
             torch.testing.assert_close(out[b, :, h], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_start_at_gives_the_reference_statistics():
+    """A fresh adapter started at a reference conditioning (a CLIP empty-prompt context: a large per-channel
+    offset plus smaller per-token deviations) outputs that offset and that spread before any training."""
+    g = torch.Generator().manual_seed(3)
+    offset = torch.randn(2048, generator=g) * 0.9
+    reference = offset + torch.randn(77, 2048, generator=g) * 0.3
+    pooled = torch.randn(1280, generator=g)
+    adapter = make_adapter(target="sdxl")
+    before = adapter(random_states(batch=4), torch.ones(4, 9)).context
+    adapter.start_at(reference, pooled)
+    out = adapter(random_states(batch=4), torch.ones(4, 9))
+    mean = out.context.mean(dim=(0, 1))
+    assert (mean - reference.mean(dim=0)).pow(2).mean().sqrt() < 0.1  # the offset (RMS 0.9), per channel
+    assert (before.mean(dim=(0, 1)) - reference.mean(dim=0)).pow(2).mean().sqrt() > 0.5  # a head left alone: far off
+    spread = (out.context - mean).pow(2).mean().sqrt()
+    assert 0.15 < spread < 0.45, spread  # the reference's 0.3, up to how the tokens happen to vary
+    assert torch.allclose(adapter.pooled_head.proj.bias, pooled)
