@@ -40,7 +40,8 @@ bench-adapter: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# The shapes study (issues 5 and 6): every arm x 3 seeds, trained and evaluated; resumable (hours on 2 cores).
+# The shapes study (issues 5 and 6): every arm x 3 seeds, 400 steps each, trained two at a time and evaluated;
+# resumable (about 1.5-2 hours on 2 cores).
 bench-shapes: setup
 	$(PY) -m bench.shapes.study --out outputs/shapes-study
 

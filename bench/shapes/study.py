@@ -1,6 +1,6 @@
 """`make bench-shapes`: the shapes study, with seeds and confidence intervals (issues 5 and 6).
 
-    python -m bench.shapes.study [--out outputs/shapes-study] [--seeds 0 1 2] [--steps 600] [--every 100]
+    python -m bench.shapes.study [--out outputs/shapes-study] [--seeds 0 1 2] [--steps 400] [--every 100]
                                  [--align-every 200] [--prompts 200] [--jobs 2] [--arms dynamic-kl last-layer ...]
 
 Arms (each a trainer preset; the shapes sizes come from bench/shapes/adapter.toml):
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("outputs/shapes-study"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--arms", nargs="+", default=list(TRAINED_ARMS), choices=TRAINED_ARMS)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=400, help="adapter steps per run (the demo trains 600)")
     parser.add_argument("--every", type=int, default=100, help="checkpoint (and validation epsilon-MSE) every N steps")
     parser.add_argument("--align-every", type=int, default=200,
                         help="alignment of the weighting arms every N steps (a multiple of --every)")
