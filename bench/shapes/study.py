@@ -170,19 +170,21 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
 def results_markdown(results: dict) -> str:
     from .report import markdown_table
 
-    fmt = lambda m: f"{m[0]:.3f} [{m[1]:.3f}, {m[2]:.3f}]"  # noqa: E731
-    dfmt = lambda m: f"{m[0]:+.3f} [{m[1]:+.3f}, {m[2]:+.3f}]"  # noqa: E731
+    # Accuracies to 3 decimals; epsilon-MSE (about 0.02, differences of 1e-4) to 5.
+    digits = lambda check: 5 if check == "eps_mse" else 3  # noqa: E731
+    fmt = lambda m, c="": f"{m[0]:.{digits(c)}f} [{m[1]:.{digits(c)}f}, {m[2]:.{digits(c)}f}]"  # noqa: E731
+    dfmt = lambda m, c="": f"{m[0]:+.{digits(c)}f} [{m[1]:+.{digits(c)}f}, {m[2]:+.{digits(c)}f}]"  # noqa: E731
     arms = list(results["final"])
     checks = [c for c in results["final"]["teacher"] if c != "eps_mse"]
     out = [f"Seeds {results['seeds']}, {results['prompts']} held-out prompts, {results['steps']} adapter steps, "
            f"checkpoints every {results['every']} steps (alignment every {results.get('align_every', results['every'])}). "
            "Mean [95% paired bootstrap CI over prompts and seeds].", "",
            "### Final alignment (accuracy per check) and validation epsilon-MSE", "",
-           markdown_table(["check", *arms], [[c, *(fmt(results["final"][a][c]) for a in arms)] for c in [*checks, "eps_mse"]])]
+           markdown_table(["check", *arms], [[c, *(fmt(results["final"][a][c], c) for a in arms)] for c in [*checks, "eps_mse"]])]
     if results["comparisons"]:
         names = list(results["comparisons"])
         out += ["", "### Differences", "", markdown_table(
-            ["check", *names], [[c, *(dfmt(results["comparisons"][n][c]) for n in names)] for c in [*checks, "eps_mse"]])]
+            ["check", *names], [[c, *(dfmt(results["comparisons"][n][c], c) for n in names)] for c in [*checks, "eps_mse"]])]
     if results["time_to_target"]:
         t = results["target"]
         rows = []
