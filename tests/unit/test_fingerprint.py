@@ -149,7 +149,7 @@ def _config_with(fingerprint: str) -> AdapterConfig:
     return AdapterConfig(llm=LLMInfo("Qwen2ForCausalLM", "qwen2", 32, 3, fingerprint), target=TARGETS["sd15"])
 
 
-def test_an_adapter_with_a_version_1_fingerprint_still_validates(tmp_path):
+def test_an_adapter_with_a_version_1_fingerprint_still_validates():
     """Checked at the version it recorded, against the tokenizer at hand."""
     tokenizer = tiny_tokenizer("qwen2")
     info = LLMInfo("Qwen2ForCausalLM", "qwen2", 32, 3, tokenizer_fingerprint(tokenizer))
