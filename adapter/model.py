@@ -254,9 +254,10 @@ class LLMDiffAdapter(nn.Module):
         # Unit-scale queries: they enter the residual stream beside cross-attention outputs of RMS ~1.
         # At 0.02 (the usual transformer init) the first cross-attention's output, the same for every
         # query, swamped them, and the 77 context tokens came out nearly identical (std across tokens
-        # 0.013 after 600 shapes steps, against 0.38 in the teacher's context), which turns the UNet's
-        # cross-attention into one global bias; at 1.0 they stay distinct (0.47-0.65), and after 300
-        # shapes steps validation epsilon-MSE is 0.0208 instead of 0.0214 (the empty prompt: 0.0209).
+        # 0.013 after 600 shapes steps, against 0.36 in the teacher's context: bench/shapes/diagnose.py),
+        # which turns the UNet's cross-attention into one global bias; at 1.0 they stay distinct
+        # (0.47-0.65), and after 300 shapes steps validation epsilon-MSE is 0.0208 instead of 0.0214
+        # (the empty prompt: 0.0209).
         self.queries = nn.Parameter(torch.randn(config.target.num_tokens, arch.width))
         # The first `fixed_blocks` resampler blocks never see t (all of them in a static adapter).
         self.fixed_blocks = arch.resampler_layers - (arch.timestep_blocks if arch.timestep_aware else 0)

@@ -145,16 +145,20 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
             comparison["eps_mse"] = paired_ci(np.array([e["eps"] for e in final[a]]), np.array([e["eps"] for e in final[b]]))
             results["comparisons"][f"{a} - {b}"] = comparison
 
-    weighting = [a for a in WEIGHTING_ARMS if a in arms]
-    if BASELINE in weighting:
-        for arm in weighting:
-            curve = {"step": steps, "eps_mse": [], "align_step": align_steps, "overall": []}
-            for step in steps:
-                evals = [study.evaluation(arm, s, step, step in align_steps) for s in seeds]
-                curve["eps_mse"].append(float(np.mean([e["eps"] for e in evals])))
-                if step in align_steps:
-                    curve["overall"].append(float(np.mean(_checks_matrix(evals, "overall"))))
-            results["curves"][arm] = curve
+    # Validation epsilon-MSE at every checkpoint of every arm (seconds each); alignment along the way only
+    # for the weighting arms, which the time-to-target comparison needs (minutes each).
+    weighting = [a for a in WEIGHTING_ARMS if a in arms] if BASELINE in arms else []
+    for arm in arms:
+        curve = {"step": steps, "eps_mse": []}
+        if arm in weighting:
+            curve.update(align_step=align_steps, overall=[])
+        for step in steps:
+            evals = [study.evaluation(arm, s, step, arm in weighting and step in align_steps) for s in seeds]
+            curve["eps_mse"].append(float(np.mean([e["eps"] for e in evals])))
+            if arm in weighting and step in align_steps:
+                curve["overall"].append(float(np.mean(_checks_matrix(evals, "overall"))))
+        results["curves"][arm] = curve
+    if weighting:
         target = {"eps_mse": results["curves"][BASELINE]["eps_mse"][-1], "overall": results["curves"][BASELINE]["overall"][-1]}
         for arm in weighting:
             cpu = np.mean([study.step_cpu_seconds(arm, s) for s in seeds], axis=0)
@@ -185,6 +189,13 @@ def results_markdown(results: dict) -> str:
         names = list(results["comparisons"])
         out += ["", "### Differences", "", markdown_table(
             ["check", *names], [[c, *(dfmt(results["comparisons"][n][c], c) for n in names)] for c in [*checks, "eps_mse"]])]
+    if results["curves"]:
+        curves = results["curves"]
+        teacher = results["final"]["teacher"]["eps_mse"][0]
+        steps = next(iter(curves.values()))["step"]
+        out += ["", f"### Validation epsilon-MSE at each checkpoint (seed mean; the teacher: {teacher:.5f})", "",
+                markdown_table(["step", *curves], [[str(st), *(f"{curves[a]['eps_mse'][i]:.5f}" for a in curves)]
+                                                   for i, st in enumerate(steps)])]
     if results["time_to_target"]:
         t = results["target"]
         rows = []

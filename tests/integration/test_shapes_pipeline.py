@@ -71,6 +71,18 @@ def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets,
     assert "dynamic-kl - teacher" in results["comparisons"]
     table = (out / "results.md").read_text()
     assert "Time to reach min-snr's final quality" in table
+    assert "| step | min-snr | dynamic-kl |" in table and len(results["curves"]["min-snr"]["eps_mse"]) == 2
     evals = sorted((out / "runs" / "dynamic-kl-s0" / "eval").glob("*.json"))
     assert [p.name for p in evals] == ["seed0-step00000001.json", "seed0-step00000002.json"]
     assert "checks" not in json.loads(evals[0].read_text()) and "checks" in json.loads(evals[1].read_text())
+
+    # the diagnosis reads a run folder and a checkpoint folder, and refuses a path that is neither
+    run = out / "runs" / "dynamic-kl-s0"
+    diagnosis = _run(["-m", "bench.shapes.diagnose", "--assets", str(quick_assets), "--triplets", "8", str(run),
+                      str(run / "checkpoints" / "step-00000001")], tmp_path).stdout
+    rows = [line.split("|")[1:-1] for line in diagnosis.splitlines() if line.startswith("| ") and "conditioning" not in line]
+    assert [r[0].strip() for r in rows] == ["teacher", "empty prompt", str(run), str(run / "checkpoints" / "step-00000001")]
+    assert all(float(value) >= 0 for r in rows for value in r[1:])
+    refused = subprocess.run([sys.executable, "-m", "bench.shapes.diagnose", "--assets", str(quick_assets), str(tmp_path / "nothing")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert refused.returncode != 0 and "neither an adapter .safetensors file" in refused.stderr

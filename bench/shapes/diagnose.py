@@ -1,0 +1,104 @@
+"""Where an adapter's conditioning stands against the teacher's: validation epsilon-MSE and context statistics.
+
+    python -m bench.shapes.diagnose [--assets assets/shapes] [ADAPTER ...]
+
+ADAPTER is an exported `adapter.safetensors`, a run folder (its `adapter.safetensors`) or a training
+checkpoint folder (`<run>/checkpoints/step-N`, its EMA weights). Rows, all on the same fixed val triplets
+(evaluate.make_triplets) and the captions of those triplets:
+
+- teacher       the base model's own bag-of-words text encoder
+- empty prompt  that encoder on "" for every caption: a conditioning that says nothing. An adapter whose
+                epsilon-MSE is above this row is worse than no prompt at all.
+- each ADAPTER  through the trainer's code path (evaluate.adapter_conditioning)
+
+Context statistics (over captions, tokens and channels of the [N, C] cross-attention context):
+`rms` the context's size; `offset rms` the RMS of the per-channel mean (the part every token shares);
+`token std` the spread across the N tokens of one caption (near 0: every token says the same thing).
+These are the figures that found the two adapter-initialisation faults (see LLMDiffAdapter.start_at).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The timestep at which a timestep-aware adapter's context is summarised (static ones ignore it).
+STATS_TIMESTEP = 500
+
+
+def load_any_adapter(path: Path):
+    """An adapter from an exported file, a run folder or a training checkpoint folder."""
+    from adapter import load_adapter
+
+    from .pipeline import load_checkpoint_adapter
+
+    if path.is_dir() and (path / "adapter.safetensors").is_file():
+        path = path / "adapter.safetensors"
+    if path.is_file():
+        return load_adapter(path).float().eval()
+    if path.is_dir():
+        return load_checkpoint_adapter(path)
+    raise SystemExit(f"error: {path} is neither an adapter .safetensors file, a run folder holding one, "
+                     "nor a training checkpoint folder (<run>/checkpoints/step-N)")
+
+
+def context_stats(context) -> dict[str, float]:
+    """rms, offset rms and token std of contexts [B, N, C] (see the module docstring)."""
+    context = context.float()
+    return {"rms": float(context.pow(2).mean().sqrt()),
+            "offset_rms": float(context.mean(dim=(0, 1)).pow(2).mean().sqrt()),
+            "token_std": float(context.std(dim=1).mean())}
+
+
+def diagnose(assets: Path, adapters: list[Path], triplets: int = 256) -> list[dict]:
+    """One row per conditioning: name, eps_mse, rms, offset_rms, token_std."""
+    import torch
+
+    from . import evaluate as ev
+
+    base, llm = ev.load_base_and_llm(assets)
+    data = ev.make_triplets(base, n=triplets)
+    teacher = ev.teacher_conditioning(base)
+
+    def empty_prompt(prompts):
+        return teacher([""] * len(prompts))
+
+    arms = {"teacher": teacher, "empty prompt": empty_prompt}
+    for path in adapters:
+        arms[str(path)] = ev.adapter_conditioning(load_any_adapter(path), llm)
+    rows = []
+    with torch.no_grad():
+        for name, conditioning in arms.items():
+            context, _ = conditioning(data.captions)(torch.full((len(data.captions),), STATS_TIMESTEP))
+            rows.append({"name": name, "eps_mse": float(ev.eps_mse(base, conditioning, data).mean()),
+                         **context_stats(context)})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(prog="python -m bench.shapes.diagnose", description=__doc__.split("\n\n")[0])
+    parser.add_argument("adapters", nargs="*", type=Path, help="adapter files, run folders or checkpoint folders")
+    parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
+    parser.add_argument("--triplets", type=int, default=256, help="fixed val triplets (default 256, as the study)")
+    args = parser.parse_args(argv)
+    if args.triplets < 1:
+        parser.error(f"--triplets must be at least 1, got {args.triplets}")
+    if not (args.assets / "manifest.json").is_file():
+        parser.error(f"{args.assets} holds no shapes assets (no manifest.json): run `make shapes-assets` first")
+    import torch
+
+    from .report import markdown_table
+
+    torch.set_num_threads(1)
+    rows = diagnose(args.assets, args.adapters, args.triplets)
+    print(markdown_table(["conditioning", "val eps-MSE", "rms", "offset rms", "token std"],
+                         [[r["name"], f"{r['eps_mse']:.5f}", f"{r['rms']:.3f}", f"{r['offset_rms']:.3f}",
+                           f"{r['token_std']:.3f}"] for r in rows]))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""The context statistics of bench/shapes/diagnose.py, on contexts whose answers are known."""
+import pytest
+import torch
+
+from bench.shapes.diagnose import context_stats, main
+
+
+def test_a_shared_offset_has_no_token_spread():
+    offset = torch.tensor([3.0, -4.0])  # RMS 3.5355
+    stats = context_stats(offset.expand(5, 7, 2))
+    assert stats["token_std"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["offset_rms"] == pytest.approx(stats["rms"]) == pytest.approx((12.5) ** 0.5)
+
+
+def test_zero_mean_tokens_have_no_offset():
+    tokens = torch.tensor([[1.0, -2.0], [-1.0, 2.0]])  # per-channel mean 0, std across tokens sqrt(2), sqrt(8)
+    stats = context_stats(tokens.expand(3, 2, 2))
+    assert stats["offset_rms"] == pytest.approx(0.0, abs=1e-6)
+    assert stats["rms"] == pytest.approx((2.5) ** 0.5)
+    assert stats["token_std"] == pytest.approx((2 ** 0.5 + 8 ** 0.5) / 2)
+
+
+def test_missing_assets_are_refused_with_the_command_that_makes_them(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--assets", str(tmp_path)])
+    assert "make shapes-assets" in capsys.readouterr().err
