@@ -41,7 +41,7 @@ clean-venv:
 	rm -rf $(VENV)
 
 # The shapes study (issues 5 and 6): every arm x 3 seeds, 400 steps each, trained two at a time and evaluated;
-# resumable (about 1.5-2 hours on 2 cores).
+# resumable (about 3 hours on the shared 2-core machine, training and evaluation).
 bench-shapes: setup
 	$(PY) -m bench.shapes.study --out outputs/shapes-study
 
