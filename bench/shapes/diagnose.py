@@ -29,20 +29,26 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 STATS_TIMESTEP = 500
 
 
-def load_any_adapter(path: Path):
-    """An adapter from an exported file, a run folder or a training checkpoint folder."""
-    from adapter import load_adapter
+def load_any_adapter(path: Path, llm):
+    """An adapter from an exported file, a run folder or a training checkpoint folder, checked against `llm`.
+    Anything else, or an adapter made for another LLM, exits with the reason."""
+    from adapter import check_llm_matches, load_adapter
+    from adapter.errors import AdapterError
+    from training.checkpoint import CheckpointError
 
     from .pipeline import load_checkpoint_adapter
 
     if path.is_dir() and (path / "adapter.safetensors").is_file():
         path = path / "adapter.safetensors"
-    if path.is_file():
-        return load_adapter(path).float().eval()
-    if path.is_dir():
-        return load_checkpoint_adapter(path)
-    raise SystemExit(f"error: {path} is neither an adapter .safetensors file, a run folder holding one, "
-                     "nor a training checkpoint folder (<run>/checkpoints/step-N)")
+    if not path.exists():
+        raise SystemExit(f"error: {path} does not exist")
+    try:
+        adapter = load_adapter(path).float().eval() if path.is_file() else load_checkpoint_adapter(path)
+        check_llm_matches(adapter.config, llm.info, llm.tokenizer)
+    except (AdapterError, CheckpointError) as error:
+        raise SystemExit(f"error: {path} is neither an adapter .safetensors file, a run folder holding one, nor a "
+                         f"training checkpoint folder (<run>/checkpoints/step-N) for this LM: {error}") from error
+    return adapter
 
 
 def context_stats(context) -> dict[str, float]:
@@ -68,7 +74,7 @@ def diagnose(assets: Path, adapters: list[Path], triplets: int = 256) -> list[di
 
     arms = {"teacher": teacher, "empty prompt": empty_prompt}
     for path in adapters:
-        arms[str(path)] = ev.adapter_conditioning(load_any_adapter(path), llm)
+        arms[str(path)] = ev.adapter_conditioning(load_any_adapter(path, llm), llm)
     rows = []
     with torch.no_grad():
         for name, conditioning in arms.items():

@@ -83,6 +83,7 @@ def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets,
     rows = [line.split("|")[1:-1] for line in diagnosis.splitlines() if line.startswith("| ") and "conditioning" not in line]
     assert [r[0].strip() for r in rows] == ["teacher", "empty prompt", str(run), str(run / "checkpoints" / "step-00000001")]
     assert all(float(value) >= 0 for r in rows for value in r[1:])
-    refused = subprocess.run([sys.executable, "-m", "bench.shapes.diagnose", "--assets", str(quick_assets), str(tmp_path / "nothing")],
+    (tmp_path / "not-a-run").mkdir()
+    refused = subprocess.run([sys.executable, "-m", "bench.shapes.diagnose", "--assets", str(quick_assets), str(tmp_path / "not-a-run")],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "neither an adapter .safetensors file" in refused.stderr

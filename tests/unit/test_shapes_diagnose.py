@@ -24,3 +24,20 @@ def test_missing_assets_are_refused_with_the_command_that_makes_them(tmp_path, c
     with pytest.raises(SystemExit):
         main(["--assets", str(tmp_path)])
     assert "make shapes-assets" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("missing", None, "does not exist"),
+    ("empty-folder", "dir", "not a complete checkpoint"),
+    ("garbage.safetensors", b"not a safetensors file", "neither an adapter .safetensors file"),
+])
+def test_what_is_not_an_adapter_is_refused_with_the_reason(tmp_path, name, content, message):
+    from bench.shapes.diagnose import load_any_adapter
+
+    path = tmp_path / name
+    if content == "dir":
+        path.mkdir()
+    elif content is not None:
+        path.write_bytes(content)
+    with pytest.raises(SystemExit, match=message):
+        load_any_adapter(path, llm=None)
