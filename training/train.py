@@ -54,12 +54,14 @@ from adapter import (
     save_adapter,
 )
 from training import checkpoint as ckpt
-from training.config import TrainConfig, TrainConfigError, format_config, resolve_config
+from training.config import TrainConfig, TrainConfigError, format_config, missing_inputs, resolve_config
 from training.data import Dataset, DatasetError, epoch_batches, load_pixels, scan_dataset
+from training.distributed import end_run
 from training.latent_cache import LatentCache, fill, vae_fingerprint
 from training.lora import add_unet_lora, export_comfy_lora, lora_disabled
 from training.losses import DiffusionLoss
 from training.models import BaseModel, BaseModelError, load_base_model
+from training.output_lock import OutputDirLocked, OutputLock
 from training.sampling import ddim_sample
 from training.state_cache import StateCache, distinct_captions
 
@@ -304,6 +306,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    missing = missing_inputs(cfg)
+    if missing and not args.print_config:  # before printing anything: a bare command gets one short answer
+        print(f"error: missing required input(s): {', '.join(missing)}. Pass them as flags or in a --config TOML "
+              "file; `python -m training.train --help` lists every option, the presets and example commands.",
+              file=sys.stderr)
+        return 2
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -312,12 +320,19 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("resolved config:\n" + format_config(cfg), flush=True)
     if args.print_config:
         return 0
+    lock = None
     try:
+        if rank == 0:  # one run per output folder; the other ranks of this run share it
+            lock = OutputLock.acquire(cfg.output_dir)
         return train(cfg, rank, world, local_rank)
-    except (AdapterError, BaseModelError, DatasetError, TrainConfigError, ckpt.CheckpointError, TrainingStopped) as err:
+    except (AdapterError, BaseModelError, DatasetError, TrainConfigError, ckpt.CheckpointError, TrainingStopped,
+            OutputDirLocked) as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
@@ -503,8 +518,7 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
         if step == cfg.debug.stop_after_step:
             log.warning("debug.stop_after_step=%d reached: exiting as if preempted", step)
             bar.close()
-            accelerator.wait_for_everyone()
-            accelerator.end_training()
+            end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)
             return 3
     bar.close()
     if not step_times and is_main:
@@ -520,8 +534,7 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
         writer.close()
         if dataset.skipped:
             print(f"skipped {len(dataset.skipped)} sample(s): " + "; ".join(dataset.skipped[:20]), flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # a clean distributed teardown (torchrun aborts at exit without it)
+    end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)  # torchrun aborts at exit without it
     return 0
 
 
