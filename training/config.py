@@ -369,5 +369,31 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     return cfg
 
 
+# Keys holding local file or folder paths: a shared adapter file keeps only their last component.
+PATH_KEYS = ("output_dir", "resume", "model.base_model", "model.base_model_config", "model.llm", "model.init_adapter",
+             "data.path", "data.latent_cache_dir", "data.llm_cache_dir")
+
+
+def shareable_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """`to_dict()` with every local path reduced to its name (an exported adapter must not leak the trainer's
+    folders); any other value that is an absolute path is reduced the same way."""
+    def name_of(value: str) -> str:
+        return Path(value).name if value not in ("", "latest") else value
+
+    def scrub(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, value in node.items():
+            full = f"{prefix}{key}"
+            if isinstance(value, dict):
+                out[key] = scrub(value, f"{full}.")
+            elif isinstance(value, str) and (full in PATH_KEYS or Path(value).is_absolute()):
+                out[key] = name_of(value)
+            else:
+                out[key] = value
+        return out
+
+    return scrub(cfg.to_dict(), "")
+
+
 def format_config(cfg: TrainConfig) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=False)
