@@ -36,6 +36,16 @@ class LLMDiffLoadAdapter(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, adapter_name: str, **_) -> str:
+        """ComfyUI reruns the node when this changes: a file replaced under the same name is loaded again."""
+        from .handles import file_identity
+
+        try:
+            return file_identity(resolve_in_folder(ADAPTER_FOLDER, adapter_name, want_dir=False))
+        except (OSError, ValueError):  # missing: execute raises the message that says what to do
+            return f"unresolved:{adapter_name}"
+
+    @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
         import torch
 

@@ -86,14 +86,17 @@ class LLMDiffTextEncode(io.ComfyNode):
         from .conditioning import build_conditioning
         from .encode import encode_with_adapter, encode_with_clip
         from .info_text import describe_encoding
+        from .input_checks import check_finite, sanitize_text
         from .prompt_weights import strip_prompt_weights
 
+        check_finite("LLM Diff Text Encode", llm_strength=llm_strength, clip_strength=clip_strength, pooled_blend=pooled_blend)
+        text, replaced = sanitize_text(text, "the prompt")
         config = adapter.config
         check_llm_matches(config, llm.info, llm.loaded.tokenizer)  # before any work: names both sides and the fix
         if clip_mode == "concat" and clip is None:
             raise ValueError("clip_mode is 'concat' but no CLIP is connected: connect the checkpoint's CLIP or set clip_mode to 'none'.")
         progress = comfy.utils.ProgressBar(2)
-        notes: list[str] = []
+        notes: list[str] = [replaced] if replaced else []
 
         llm_text, stripped = strip_prompt_weights(text)
         if stripped:
@@ -119,6 +122,7 @@ class LLMDiffTextEncode(io.ComfyNode):
             pooled_blend=pooled_blend if is_sdxl else 0.0, device=mm.intermediate_device(),
             sdxl_size=dict(width=width, height=height, crop_w=crop_w, crop_h=crop_h, target_width=target_width, target_height=target_height) if is_sdxl else None,
         )
+        _check_conditioning_finite(conditioning, encoding, llm.name, adapter.name)
         if encoding.states is not None:  # timestep-aware: the states Apply LLM Diff Adapter decodes at every step
             from .step_states import attach_step_states
 
@@ -128,6 +132,22 @@ class LLMDiffTextEncode(io.ComfyNode):
             if line.startswith(("warning:", "truncated:")):
                 log.warning("LLM Diff Text Encode: %s", line)
         return io.NodeOutput(conditioning, info)
+
+
+def _check_conditioning_finite(conditioning, encoding, llm_name: str, adapter_name: str) -> None:
+    """Refuse to hand a sampler NaN or infinite conditioning (it would draw a black image and report success)."""
+    import torch
+
+    tokens, extras = conditioning[0]
+    pooled = extras.get("pooled_output")
+    if bool(torch.isfinite(tokens).all()) and (pooled is None or bool(torch.isfinite(pooled).all())):
+        return
+    adapter_bad = not bool(torch.isfinite(encoding.context).all()) or (
+        encoding.pooled is not None and not bool(torch.isfinite(encoding.pooled).all()))
+    source = (f"the adapter {adapter_name} with the LLM {llm_name} (a damaged or diverged adapter file, or an LLM in a "
+              "precision that overflows: try dtype fp32 or bf16)" if adapter_bad else "the connected CLIP")
+    raise ValueError(f"LLM Diff Text Encode: the conditioning holds NaN or infinite values, produced by {source}; "
+                     "nothing was passed on to the sampler.")
 
 
 def _ignored_inputs(config, is_sdxl: bool, has_clip: bool, clip_mode: str, pooled_blend: float, sizes: tuple) -> list[str]:
