@@ -5,6 +5,7 @@ and the next, valid prompt must succeed. Graphs start from the shipped sd15_adap
 """
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -157,3 +158,43 @@ def test_a_shared_workflow_naming_a_model_this_machine_lacks(comfy_sd15, api):
     the loader says which name it looked for, where, and what to do."""
     set_input(api, "LLMDiffLoadLLM", llm_name="Qwen2.5-1.5B-Instruct")
     assert_node_error(comfy_sd15, api, "LLMDiffLoadLLM", "'Qwen2.5-1.5B-Instruct' was not found", "models/LLM", "Copy it there")
+
+
+@pytest.mark.parametrize("field", ["llm_strength", "clip_strength"])
+def test_nan_strength_through_the_api_is_refused(comfy_sd15, api, field):
+    """A NaN passes ComfyUI's min/max check (the JSON body says NaN); it used to give a black image reported as success."""
+    api[positive_encode(api)]["inputs"][field] = float("nan")
+    assert_node_error(comfy_sd15, api, "LLMDiffTextEncode", f"{field} is nan", "not a finite number")
+
+
+def test_lone_surrogate_through_the_api_is_replaced_and_reported(comfy_sd15, api):
+    """What a browser's JSON.stringify sends for half an emoji: the tokenizer cannot encode it."""
+    api[positive_encode(api)]["inputs"]["text"] = "a red cube \ud83d on a table"
+    result = comfy_sd15.run(api, timeout=600)
+    pixels(result)
+    assert "replaced with U+FFFD" in info_text(result, api)
+
+
+def test_a_replaced_adapter_file_is_picked_up_without_a_restart(comfy_sd15, api, tmp_path):
+    """Overwrite models/llm_adapters/<name> with a newly trained file: the next prompt must use the new weights."""
+    import torch
+
+    from adapter import load_adapter, save_adapter
+
+    source = (comfy_sd15.models_dir / "llm_adapters" / "tiny-qwen2-sd15.safetensors").resolve()
+    replaceable = tmp_path / "replaceable.safetensors"
+    replaceable.write_bytes(source.read_bytes())
+    comfy_sd15.link_model("llm_adapters", replaceable, "replaceable.safetensors")
+    set_input(api, "LLMDiffLoadAdapter", adapter_name="replaceable.safetensors")
+    first = pixels(comfy_sd15.run(api, timeout=600))
+
+    retrained = load_adapter(replaceable)
+    with torch.no_grad():
+        for p in retrained.context_head.parameters():
+            p.mul_(-3.0)
+    save_adapter(tmp_path / "export.safetensors", retrained)
+    os.replace(tmp_path / "export.safetensors", replaceable)  # as the trainer's export lands: a new file, same name
+    result = comfy_sd15.run(api, timeout=600)
+    second = pixels(result)
+    assert [n for n in nodes_of(api, "LLMDiffLoadAdapter") if n in result.cached_nodes] == []
+    assert not np.array_equal(first, second), "the image did not change: the old adapter weights were used"
