@@ -13,6 +13,8 @@ import pytest
 
 from support.train_runs import REPO, run_in_own_group
 
+pytestmark = pytest.mark.slow  # real processes: a few seconds each
+
 RANK = textwrap.dedent("""
     import sys, torch, torch.distributed as dist
     from training.distributed import end_run
