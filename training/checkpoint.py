@@ -10,8 +10,8 @@ Layout of `<output_dir>/checkpoints/step-00000100/`:
 A checkpoint is written into a hidden temporary folder, the sentinel goes in last, and only then is
 the folder renamed into place, so `latest()` never returns a half-written checkpoint, whatever
 moment the job dies at; a checkpoint of a step already on disk is swapped in with one atomic rename.
-Only one run writes here at a time (training/output_lock.py). Randomness needs no saved RNG state: the trainer draws each step's noise,
-timesteps and dropout from a generator seeded by (seed, step, rank).
+Only one run writes here at a time (training/output_lock.py). Randomness needs no saved RNG state:
+the trainer draws each step's noise, timesteps and dropout from a generator seeded by (seed, step, rank).
 """
 from __future__ import annotations
 
