@@ -5,12 +5,23 @@ app.registerExtension({
   name: "LLMDiffAdapter.Widgets",
   nodeCreated(node) {
     if (!String(node.comfyClass ?? "").startsWith("LLMDiff")) return;
-    // The schema marks rare knobs `advanced`; frontend 1.32 copies that into the widget's options but only
-    // folds away widgets whose own `advanced` flag is set (right-click > Show Advanced brings them back).
+    // The schema marks rare knobs `advanced`. Frontend 1.32 copies that into the widget's options only, and
+    // even a widget's own `advanced` flag just stops it being drawn: the node keeps its room. A hidden
+    // widget gives its room up, so an advanced widget is hidden until the node's "Show Advanced" (right-click
+    // menu, which appears because `advanced` is set) turns the node's showAdvanced on.
     let folded = false;
     for (const widget of node.widgets ?? []) {
       if (widget.options?.advanced && !widget.advanced) {
         widget.advanced = true;
+        let hidden = false;
+        Object.defineProperty(widget, "hidden", {
+          configurable: true,
+          get: () => hidden || !node.showAdvanced,
+          set: (value) => { hidden = value; },
+        });
+        // Frontend 1.32's widget layout reserves a row for every widget, drawn or not, unless the widget sizes itself.
+        widget.computeSize = (width) =>
+          widget.hidden ? [0, -4] : [width ?? node.size[0], LiteGraph.NODE_WIDGET_HEIGHT];
         folded = true;
       }
     }
