@@ -1,8 +1,8 @@
 """ComfyUI's real frontend in headless Chromium (Debian's package, driven by Playwright).
 
     browser()                         context manager: a fresh Chromium profile; yields a Playwright context
-    open_frontend(context, url)       a page with ComfyUI loaded (window.app.graph ready), the first-visit
-                                      template gallery closed; .messages collects alerts and console errors
+    open_frontend(context, url)       a page with ComfyUI loaded (window.app.graph ready), past the first-visit
+                                      template gallery; .messages collects alerts and page errors
     load_file(page, path)             what a drop of the file on the canvas does: the page's file input
     read_graph(page)                  every node as the frontend holds it after drawing: id, type, title,
                                       pos, size, bounding rectangle (title bar included), widgets (name, value,
@@ -52,6 +52,7 @@ def browser():
 
 
 def open_frontend(context, url: str, timeout_s: float = 120):
+    skip_first_visit_gallery(url)
     page = context.new_page()
     page.messages = []
     page.on("dialog", lambda d: (page.messages.append(f"alert: {d.message}"), d.dismiss()))
@@ -63,21 +64,24 @@ def open_frontend(context, url: str, timeout_s: float = 120):
     return page
 
 
-def close_dialogs(page, wait_s: float = 15) -> None:
-    """Close the template gallery, which a first visit opens once the template list has loaded."""
-    try:
-        page.wait_for_selector(".p-dialog-mask", timeout=wait_s * 1000)
-    except Exception:  # noqa: BLE001 - Playwright's TimeoutError: no gallery this time
-        return
-    for _ in range(10):
-        if not page.query_selector(".p-dialog-mask"):
+def skip_first_visit_gallery(url: str) -> None:
+    """Mark the server's user as past the first visit, when the frontend opens the template gallery by itself
+    (some seconds after the page loads, so it would cover whatever a test does next)."""
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/api/settings/Comfy.TutorialCompleted", data=b"true", method="POST",
+                                     headers={"Content-Type": "application/json"})
+    urllib.request.urlopen(request, timeout=30).read()
+
+
+def close_dialogs(page) -> None:
+    """Close open dialogs (the template browser) with their close button."""
+    for _ in range(5):
+        button = page.query_selector(".p-dialog-mask button:has(i.pi-times)")
+        if not button:
             return
-        page.keyboard.press("Escape")
+        button.click()
         time.sleep(0.5)
-        close = page.query_selector(".p-dialog-mask button[aria-label='Close'], .p-dialog-mask .p-dialog-close-button")
-        if close and page.query_selector(".p-dialog-mask"):
-            close.click()
-            time.sleep(0.5)
 
 
 def clear_toasts(page) -> None:

@@ -5,7 +5,8 @@
 Starts a test ComfyUI with the pack, opens each file in headless Chromium, reads the height every node
 needs at the width chosen below, and rewrites the file: nodes in columns by their depth in the graph
 (notes first), stacked with a gap, a UUID id derived from the file name (the frontend's schema wants a
-UUID), and a saved view (offset and scale) that shows the whole graph in a 1600x1000 window.
+UUID), a saved view (offset and scale) that shows the whole graph in a 1600x1000 window, and <name>.jpg,
+the picture the template browser shows for it.
 The browser test (test_frontend.py) checks the result: no overlaps, everything in view.
 """
 from __future__ import annotations
@@ -98,6 +99,39 @@ def measure(page, path: Path, ui: dict) -> dict[int, float]:
         {str(k): v for k, v in widths.items()}).items()}
 
 
+def thumbnail(page, path: Path) -> None:
+    """<name>.jpg beside the workflow: what the template browser shows on the card (its only text there is the
+    file name, so the picture carries a readable title)."""
+    import io
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    frontend.load_file(page, path)
+    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB").crop((LEFT, TOP, RIGHT, BOTTOM))
+    shot.thumbnail((640, 400))
+    image = Image.new("RGB", (shot.width, shot.height + 44), (24, 24, 24))
+    image.paste(shot, (0, 44))
+    draw = ImageDraw.Draw(image)
+    try:
+        font = ImageFont.truetype("DejaVuSans-Bold.ttf", 20)
+    except OSError:
+        font = ImageFont.load_default()
+    draw.text((12, 10), TITLES.get(path.stem, path.stem), fill=(240, 240, 240), font=font)
+    image.save(path.with_suffix(".jpg"), quality=85)
+
+
+TITLES = {
+    "sd15_adapter": "SD1.5 + LLM Diff Adapter (UNet, VAE files)",
+    "sd15_adapter_checkpoint": "SD1.5 + LLM Diff Adapter (checkpoint)",
+    "sd15_adapter_clip_concat": "SD1.5 + LLM Diff Adapter + CLIP tokens",
+    "sd15_adapter_controlnet_area": "SD1.5 + LLM Diff Adapter: area + ControlNet",
+    "sd15_adapter_timestep_aware": "SD1.5 + timestep-aware LLM Diff Adapter",
+    "sd2_adapter": "SD2 (768-v) + LLM Diff Adapter",
+    "sdxl_adapter": "SDXL + LLM Diff Adapter (UNet, VAE files)",
+    "sdxl_adapter_checkpoint": "SDXL + LLM Diff Adapter (checkpoint)",
+}
+
+
 def main(paths: list[str]) -> None:
     from support.comfyui import ComfyServer
 
@@ -110,6 +144,7 @@ def main(paths: list[str]) -> None:
             heights = measure(page, path, ui)
             layout(ui, heights)
             path.write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            thumbnail(page, path)
             print(f"{path}: {len(ui['nodes'])} nodes, view {ui['extra']['ds']}")
 
 
