@@ -55,6 +55,8 @@ def open_frontend(context, url: str, timeout_s: float = 120):
     skip_first_visit_gallery(url)
     page = context.new_page()
     page.messages = []
+    page.responses = []  # (status, url) of every answer the page received
+    page.on("response", lambda r: page.responses.append((r.status, r.url)))
     page.on("dialog", lambda d: (page.messages.append(f"alert: {d.message}"), d.dismiss()))
     page.on("pageerror", lambda e: page.messages.append(f"page error: {e}"))
     page.goto(url, timeout=timeout_s * 1000)

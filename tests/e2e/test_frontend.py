@@ -111,16 +111,18 @@ def test_workflow_opens_from_the_template_browser(page, workflow):
     from browser import frontend
 
     open_template_browser(page)
-    card = page.locator("[data-testid^='template-workflow-']", has_text=workflow).first
-    if card.count() == 0:
-        card = page.get_by_text(workflow, exact=True).first
-    card.scroll_into_view_if_needed()
-    thumbnail = page.locator(f"img[src*='/workflow_templates/{PACK_MODULE}/{workflow}.jpg']").first
-    thumbnail.wait_for(state="attached", timeout=30000)
-    page.wait_for_function("(img) => img.complete", arg=thumbnail.element_handle(), timeout=30000)
-    assert thumbnail.evaluate("img => img.naturalWidth") > 0, f"{workflow}: the template card's thumbnail did not load"
+    title = page.get_by_text(workflow, exact=True).first  # the card's title: the browser shows the file name
+    title.scroll_into_view_if_needed()
+    # The card's picture: the frontend fetches <name>.jpg from the pack's workflows/ and shows it as a blob.
+    card_image = title.evaluate_handle("""(el) => { for (let e = el; e; e = e.parentElement) { const img = e.querySelector('img');
+        if (img) return img; } return null; }""")
+    page.wait_for_function("(img) => img && img.complete", arg=card_image, timeout=30000)
+    assert card_image.evaluate("img => img.naturalWidth") > 0, f"{workflow}: the template card's thumbnail did not load"
+    thumbnail = f"/workflow_templates/{PACK_MODULE}/{workflow}.jpg"
+    assert any(url.endswith(thumbnail) and status == 200 for status, url in page.responses), \
+        f"{workflow}: no 200 answer for {thumbnail}: {[r for r in page.responses if 'workflow_templates' in r[1]]}"
     page.screenshot(path=str(out_dir() / f"template_browser_{workflow}.png"))
-    card.click()
+    title.click()
     page.wait_for_function("(n) => app.graph._nodes.length === n", arg=len(file_nodes(workflow)[1]), timeout=60000)
     frontend.settle(page)
     time.sleep(1.0)
