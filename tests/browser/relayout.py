@@ -108,15 +108,25 @@ def thumbnail(page, path: Path) -> None:
 
     frontend.load_file(page, path)
     shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB").crop((LEFT, TOP, RIGHT, BOTTOM))
-    shot.thumbnail((640, 400))
-    image = Image.new("RGB", (shot.width, shot.height + 44), (24, 24, 24))
-    image.paste(shot, (0, 44))
+    side, banner = 512, 96  # the template browser's cards are square
+    shot.thumbnail((side, side - banner))
+    image = Image.new("RGB", (side, side), (24, 24, 24))
+    image.paste(shot, ((side - shot.width) // 2, banner + (side - banner - shot.height) // 2))
     draw = ImageDraw.Draw(image)
     try:
-        font = ImageFont.truetype("DejaVuSans-Bold.ttf", 20)
+        font = ImageFont.truetype("DejaVuSans-Bold.ttf", 26)
     except OSError:
         font = ImageFont.load_default()
-    draw.text((12, 10), TITLES.get(path.stem, path.stem), fill=(240, 240, 240), font=font)
+    title = TITLES.get(path.stem, path.stem)
+    lines, line = [], ""
+    for word in title.split():
+        trial = f"{line} {word}".strip()
+        if line and draw.textlength(trial, font=font) > side - 32:
+            lines.append(line)
+            trial = word
+        line = trial
+    lines.append(line)
+    draw.multiline_text((16, 14), "\n".join(lines[:2]), fill=(240, 240, 240), font=font, spacing=8)
     image.save(path.with_suffix(".jpg"), quality=85)
 
 
