@@ -155,3 +155,22 @@ def test_sd15_workflow_queued_from_the_ui_makes_an_image(page, comfy_sd15):
     assert size == [64, 64]
     assert {p.name for p in comfy_sd15.output_dir.rglob("*.png")} - before, "no new image file in the server's output folder"
     page.screenshot(path=str(out_dir() / "sd15_adapter_after_run.png"))
+
+
+def test_advanced_inputs_fold_away_and_enhance_prompt_starts_on_a_fixed_seed(page):
+    """The pack's frontend extension (web/llm_diff_adapter.js), on nodes made fresh as from the node library."""
+    state = page.evaluate("""() => {
+        const show = (n) => n.widgets.filter(w => n.isWidgetVisible(w)).map(w => w.name);
+        const encode = LiteGraph.createNode('LLMDiffTextEncode'); app.graph.add(encode);
+        const folded = {visible: show(encode), height: encode.computeSize()[1]};
+        encode.toggleAdvanced();
+        const shown = {visible: show(encode), height: encode.computeSize()[1]};
+        const enhance = LiteGraph.createNode('LLMDiffEnhancePrompt'); app.graph.add(enhance);
+        return {folded, shown, control: enhance.widgets.find(w => w.name === 'control_after_generate').value,
+                llm: show((() => { const n = LiteGraph.createNode('LLMDiffLoadLLM'); app.graph.add(n); return n; })())};
+    }""")
+    assert state["folded"]["visible"] == ["text", "clip_mode", "llm_strength", "clip_strength"], state
+    assert state["llm"] == ["llm_name", "dtype"], state
+    assert state["shown"]["visible"][:4] == state["folded"]["visible"] and "target_height" in state["shown"]["visible"]
+    assert state["shown"]["height"] > state["folded"]["height"], state  # folded widgets give their room back
+    assert state["control"] == "fixed", state
