@@ -111,7 +111,7 @@ def test_workflow_opens_from_the_template_browser(page, workflow):
     from browser import frontend
 
     open_template_browser(page)
-    title = page.get_by_text(workflow, exact=True).first  # the card's title: the browser shows the file name
+    title = page.locator(".p-dialog").get_by_text(workflow, exact=True).first  # the card's title: the file name
     title.scroll_into_view_if_needed()
     # The card's picture: the frontend fetches <name>.jpg from the pack's workflows/ and shows it as a blob.
     card_image = title.evaluate_handle("""(el) => { for (let e = el; e; e = e.parentElement) { const img = e.querySelector('img');
