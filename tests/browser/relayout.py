@@ -22,7 +22,9 @@ WIDTHS = {"Note": 420, "MarkdownNote": 420, "LLMDiffTextEncode": 420, "LLMDiffEn
           "SaveImage": 420, "KSampler": 320, "KSamplerAdvanced": 320, "VAEDecode": 200}
 DEFAULT_WIDTH = 340  # loaders: wide enough for "adapter_name" and a model file name
 FIXED_HEIGHTS = {"PreviewAny": 220, "SaveImage": 440}
-BELOW_SOURCE = {"VAEDecode"}  # stacked under the sampler instead of a column of its own: the graph stays readable
+FIRST_COLUMN = {"LLMDiffLoadLLM", "LLMDiffLoadAdapter", "UNETLoader", "CheckpointLoaderSimple", "VAELoader"}
+# Stacked under their source instead of a column of their own, so the graph stays narrow enough to read.
+BELOW_SOURCE = {"VAEDecode", "ConditioningCombine"}
 GAP_X, GAP_Y, TITLE = 60, 40, 30
 # The part of a 1600x1000 window where the canvas is not covered: by the side bar (left), the tab bar and the
 # Run toolbar (top) and the minimap (bottom right). The saved view puts the whole graph inside it.
@@ -52,6 +54,15 @@ def _depths(ui: dict) -> dict[int, int]:
 
     for node in sources:
         visit(node)
+    # A loader that feeds only later stages (a ControlNet, an empty latent) goes in the column just before
+    # its first consumer instead of the first column, which would otherwise grow taller than the window.
+    consumers: dict[int, list[int]] = {n: [] for n in sources}
+    for target, origins in sources.items():
+        for origin in origins:
+            consumers[origin].append(target)
+    for node, used_by in consumers.items():
+        if not sources[node] and used_by and types[node] not in FIRST_COLUMN:
+            depth[node] = max(depth[node], min(depth[t] for t in used_by) - 1)
     return depth
 
 
