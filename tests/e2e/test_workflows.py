@@ -2,7 +2,9 @@
 
 The shipped file is what is tested: each JSON in workflows/ is converted with ui_to_api against the
 server's /object_info; the test only swaps in the fixture's model names and shrinks the run
-(64x64, or 128x64 where an area condition needs room; 2 steps) by editing the API graph. Checks that
+(64x64, or 128x64 where an area condition needs room; 2 steps) by editing the API graph. The Load Checkpoint
+workflows get a single-file SD1.5 checkpoint that ComfyUI's CheckpointSave writes from the random weights
+(once per machine); there is no SDXL one (see checkpoint_name). Checks that
 can fail for the right reason:
 - an image comes out of every workflow, and it is not flat (NaN conditioning decodes to one colour);
 - with the same seed, a different prompt gives a different image (the conditioning reaches the UNet),
