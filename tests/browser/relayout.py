@@ -18,9 +18,9 @@ from pathlib import Path
 
 from browser import frontend
 
-WIDTHS = {"Note": 420, "MarkdownNote": 420, "LLMDiffTextEncode": 420, "LLMDiffEnhancePrompt": 420, "PreviewAny": 420,
+WIDTHS = {"Note": 420, "MarkdownNote": 420, "LLMDiffLoadAdapter": 420, "LLMDiffTextEncode": 420, "LLMDiffEnhancePrompt": 420, "PreviewAny": 420,
           "SaveImage": 420, "KSampler": 320, "KSamplerAdvanced": 320, "VAEDecode": 200}
-DEFAULT_WIDTH = 340  # loaders: wide enough for "adapter_name" and a model file name
+DEFAULT_WIDTH = 340  # loaders; the adapter loader is wider: its file names are long (qwen2.5-1.5b-sd15-timestep...)
 FIXED_HEIGHTS = {"PreviewAny": 220, "SaveImage": 440}
 FIRST_COLUMN = {"LLMDiffLoadLLM", "LLMDiffLoadAdapter", "UNETLoader", "CheckpointLoaderSimple", "VAELoader"}
 # Stacked under their source instead of a column of their own, so the graph stays narrow enough to read.
