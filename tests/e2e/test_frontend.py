@@ -55,7 +55,8 @@ def page(context, comfy_sd15):
     page.close()
 
 
-def file_nodes(workflow: str) -> dict:
+def file_nodes(workflow: str) -> tuple[dict, dict]:
+    """The workflow file, and its nodes by id."""
     ui = json.loads((WORKFLOW_DIR / f"{workflow}.json").read_text(encoding="utf-8"))
     return ui, {n["id"]: n for n in ui["nodes"]}
 
@@ -74,7 +75,7 @@ def check_opened(page, workflow: str, how: str) -> None:
     overlapping = frontend.overlaps(nodes)
     assert not overlapping, f"{workflow} ({how}): overlapping nodes: {overlapping}"
     for n in nodes:
-        values = [v for v in n["widgets_values"]]
+        values = n["widgets_values"]
         assert values == saved[n["id"]].get("widgets_values", []), \
             f"{workflow} ({how}): {n['title']} (node {n['id']}) widget values {values} != the file's {saved[n['id']].get('widgets_values')}"
     from browser.relayout import BOTTOM, LEFT, RIGHT, TOP
