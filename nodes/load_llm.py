@@ -23,7 +23,7 @@ class LLMDiffLoadLLM(io.ComfyNode):
             display_name="Load LLM (decoder-only)",
             category="conditioning/llm_diff_adapter",
             description=(
-                "Loads a decoder-only LLM (Qwen, Llama, Gemma) in Hugging Face format from models/LLM/<name>/ "
+                "Loads a decoder-only LLM (Qwen, Llama, Gemma) in Hugging Face format from its own folder in models/LLM "
                 "(config.json, safetensors weights, tokenizer files), or a single-file text encoder from "
                 "models/text_encoders through ComfyUI's own implementation. Nothing is downloaded."
             ),
@@ -68,6 +68,20 @@ class LLMDiffLoadLLM(io.ComfyNode):
             return folder_identity(resolve_in_folder(LLM_FOLDER, llm_name, want_dir=True))
         except (OSError, ValueError):  # missing or not an LLM: execute raises the message that says what to do
             return f"unresolved:{llm_name}"
+
+    @classmethod
+    def validate_inputs(cls, llm_name: str | None = None) -> bool | str:
+        """Before anything runs: ComfyUI then lists every loader whose file is missing in one error report."""
+        if llm_name is None:  # fed by a link: known only at execution
+            return True
+        from .llm_files import resolve_llm_file
+
+        try:
+            if resolve_llm_file(llm_name) is None:
+                resolve_in_folder(LLM_FOLDER, llm_name, want_dir=True)
+        except (ValueError, FileNotFoundError) as err:
+            return str(err)
+        return True
 
     @classmethod
     def execute(cls, llm_name: str, dtype: str, memory_mode: str = "auto", quantization: str = "none") -> io.NodeOutput:

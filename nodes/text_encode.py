@@ -85,7 +85,7 @@ class LLMDiffTextEncode(io.ComfyNode):
         from ..adapter import check_context_dim, check_llm_matches
         from .conditioning import build_conditioning
         from .encode import encode_with_adapter, encode_with_clip
-        from .info_text import describe_encoding
+        from .info_text import ITEM, describe_encoding
         from .input_checks import check_finite, sanitize_text
         from .prompt_weights import strip_prompt_weights
 
@@ -129,8 +129,8 @@ class LLMDiffTextEncode(io.ComfyNode):
             conditioning = attach_step_states(conditioning, encoding, adapter, llm, llm_strength)
         info = describe_encoding(llm_name=llm.name, llm_info=llm.info, adapter_name=adapter.name, config=config, prompt_info=encoding.prompt_info, notes=notes)
         for line in info.splitlines():
-            if line.startswith(("warning:", "truncated:")):
-                log.warning("LLM Diff Text Encode: %s", line)
+            if line.removeprefix(ITEM).startswith(("warning:", "truncated:")):
+                log.warning("LLM Diff Text Encode: %s", line.removeprefix(ITEM))
         return io.NodeOutput(conditioning, info)
 
 
@@ -160,9 +160,10 @@ def _ignored_inputs(config, is_sdxl: bool, has_clip: bool, clip_mode: str, poole
     if config.arch.timestep_aware:
         from ..adapter.model import FALLBACK_TIMESTEP
 
-        notes.append(f"this adapter is timestep-aware: this CONDITIONING holds its context at the fixed timestep "
-                     f"{FALLBACK_TIMESTEP:g}; pass the model through 'Apply LLM Diff Adapter (timestep-aware)' to "
-                     "recompute it at every sampling step's real timestep")
+        notes.append(f"this adapter is timestep-aware: with the MODEL passed through 'Apply LLM Diff Adapter "
+                     "(timestep-aware)', as in the shipped timestep-aware workflow, its context is recomputed at every "
+                     f"sampling step's real timestep; without that node the sampler uses the context at the fixed "
+                     f"timestep {FALLBACK_TIMESTEP:g}")
     if config.concat_clip and clip_mode != "concat":
         notes.append("this adapter was trained with CLIP tokens beside its own: set clip_mode to 'concat' and connect the CLIP for the results it was trained for")
     if not config.concat_clip and clip_mode == "concat":
