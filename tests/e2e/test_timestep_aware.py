@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_workflows import load_api, nodes_of, pixels, set_prompt
+from support.workflows import load_api, nodes_of, pixels, set_prompt
 
 WORKFLOW = "sd15_adapter_timestep_aware"
 ADAPTER = "tiny-qwen2-sd15-timestep.safetensors"

@@ -3,7 +3,7 @@ checkpoints, one export, and a clean distributed teardown (DESIGN.md section 9).
 import pytest
 
 from adapter import load_adapter
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.train_runs import run_train, tiny_dataset, train_command
 
 pytestmark = pytest.mark.slow
 

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 from adapter import read_adapter_config
-from support.cache import cache_dir, vendored_comfyui_source
-from support.train_runs import run_train, tiny_dataset, train_command
-from support.tiny_pipelines import TINY_VERSION, tiny_pipeline
+from devkit.cache import cache_dir, vendored_comfyui_source
+from devkit.train_runs import run_train, tiny_dataset, train_command
+from devkit.tiny_pipelines import TINY_VERSION, tiny_pipeline
 from training.models import BaseModelError, load_base_model
 
 pytestmark = pytest.mark.slow

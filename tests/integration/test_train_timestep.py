@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from adapter import load_adapter, read_adapter_config
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.train_runs import run_train, tiny_dataset, train_command
 
 pytestmark = pytest.mark.slow
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_adapter_timestep import trained_like
-from test_nodes_encode import env, qwen  # noqa: F401  (module fixtures: models folders, the tiny Qwen2)
-from test_nodes_pack import _torchvision_stub_if_missing, pack_module
+from support.adapters import trained_like
+from support.node_models import node_models, qwen  # noqa: F401  (fixtures; env = node_models)
+from devkit.comfy_pack import _torchvision_stub_if_missing, pack_module
 
 ATOL = 1e-5
 TINY_SD15_UNET = {  # comfy.model_detection's SD15 config, shrunk: 2 levels of 32/64 channels
