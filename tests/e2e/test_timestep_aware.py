@@ -1,4 +1,4 @@
-"""Apply LLM Diff Adapter (timestep-aware) in the real ComfyUI server, SD1.5 (issue 6).
+"""Apply LLM Diff Adapter (timestep-aware) in the real ComfyUI server, SD1.5.
 
 Instrumented, not assumed: the test-only LLMDiffProbe node (probe_node.py, trace mode) records the context
 of every UNet call and of every ControlNet call with their timesteps, and what our wrapper reported. The

@@ -1,5 +1,5 @@
 """Two trainer processes on a CPU through torchrun (gloo): sharded latent caching, one set of
-checkpoints, one export, and a clean distributed teardown (DESIGN.md section 9)."""
+checkpoints, one export, and a clean distributed teardown (docs/design.md section 4)."""
 import pytest
 
 from adapter import load_adapter

@@ -1,4 +1,4 @@
-"""The trainer with the timestep-aware adapter (issue 6): `--preset timestep-aware` trains the adaLN
+"""The trainer with the timestep-aware adapter: `--preset timestep-aware` trains the adaLN
 modulation and exports a timestep-aware file; validation samples with the context recomputed per step."""
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Timestep-aware adapter (issue 6): equal to the static adapter at init, the split encode/decode path,
+"""Timestep-aware adapter: equal to the static adapter at init, the split encode/decode path,
 timestep handling and errors, and the file format (old static files unchanged, timestep-aware round trip)."""
 from pathlib import Path
 

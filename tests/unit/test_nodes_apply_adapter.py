@@ -284,7 +284,7 @@ def test_without_the_node_the_states_reach_the_unet_and_change_nothing(comfy, un
 
 
 def test_a_clip_negative_batches_with_our_positive_only_through_the_node(comfy, nodes, unet, aware, encode):
-    """ComfyUI batches entries only when they carry the same model_conds keys (documented in the README)."""
+    """ComfyUI batches entries only when they carry the same model_conds keys (documented in docs/nodes.md)."""
     positive, negative = encode(aware, "a red cube"), clip_like()
     plain, plain_calls = recording(comfy, unet)
     ksample(comfy, plain, positive, negative, steps=2)

@@ -4,7 +4,7 @@ CPU only here: ComfyUI's load and offload devices are both the CPU, so weights d
 move, but ComfyUI still keeps its books: `current_loaded_models` (what it holds as loaded),
 `patcher.loaded_size()` (bytes it counts on the load device), `patcher.model.device` (where it
 last put the model) and the `force_full_load` / `memory_required` it is asked for. Those are what
-the tests observe. That the bytes really leave VRAM needs a GPU (see README, "Memory").
+the tests observe. That the bytes really leave VRAM needs a GPU (see docs/nodes.md, "Memory").
 """
 from __future__ import annotations
 
