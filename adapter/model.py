@@ -9,7 +9,7 @@
       -> head: LayerNorm, Linear D -> C, learned scale   => context [B, N, C], RMS ~1 at init
       -> (SDXL) attention pool -> Linear D -> P, scale  => pooled [B, P]
 
-Timestep-aware mode (ArchConfig.timestep_aware, issue 6; ELLA's timestep-aware connector):
+Timestep-aware mode (ArchConfig.timestep_aware; after ELLA's timestep-aware connector):
 the diffusion timestep t in [0, 1000) -> sinusoidal features (exactly diffusers' UNet2DConditionModel
 embedding) -> MLP -> one vector per sample, which modulates the three pre-norms of the last
 `arch.timestep_blocks` resampler blocks (adaLN: norm(x) * (1 + scale) + shift, and the residual

@@ -1,4 +1,4 @@
-"""Exact per-step contexts of a timestep-aware adapter for many conditioning entries (issue 6).
+"""Exact per-step contexts of a timestep-aware adapter for many conditioning entries.
 
 LLMDiffTextEncode runs the LLM and `LLMDiffAdapter.encode_states` once per prompt and keeps the
 result in the conditioning entry (`StepStates`); at every UNet call the ComfyUI wrapper

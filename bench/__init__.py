@@ -1,1 +1,1 @@
-"""Benchmarks and the shapes study (`python -m bench.<name>`); see DESIGN.md section 6."""
+"""Benchmarks and the shapes study (`python -m bench.<name>`); see docs/design.md section 6."""

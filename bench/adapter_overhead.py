@@ -4,7 +4,7 @@ The LLM is a randomly initialised model of Qwen2.5-0.5B's shape (hidden 896, 24 
 2 KV heads, MLP 4864, vocabulary 151936), base model only (no LM head, as the nodes load it),
 run through adapter.llm.run_llm exactly as in inference. The adapter is the default-size sd15 one.
 Timing is batch 1, fp32, a fixed thread count, warm-up runs, then the median of repeats, for
-16, 77 and 256-token prompts in one run. Goal (issue 2): adapter < 10% of the LLM at 77 tokens.
+16, 77 and 256-token prompts in one run. Goal: adapter < 10% of the LLM at 77 tokens.
 
     python -m bench.adapter_overhead               # the measurement (about 2 GB of RAM, a few minutes on 2 cores)
     python -m bench.adapter_overhead --quick       # smoke run: a 2-block LLM, one repeat (numbers meaningless)

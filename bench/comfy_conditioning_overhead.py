@@ -1,7 +1,7 @@
 """What our conditioning costs inside a real ComfyUI run: LLM Diff Text Encode vs CLIPTextEncode.
 
-Issue 3's "Measured": one SD1.5 txt2img graph through a real ComfyUI 0.3.75 server (the e2e
-harness, tests/support/comfyui.py), 256x256 (a 32x32 latent), batch 1, KSampler euler/normal,
+One SD1.5 txt2img graph through a real ComfyUI 0.3.75 server (the e2e
+harness, devkit/comfyui.py), 256x256 (a 32x32 latent), batch 1, KSampler euler/normal,
 10 steps, CFG 7 with a CLIP-encoded empty negative, VAE decode and save. Two arms differ only in
 the positive:
 
@@ -21,13 +21,13 @@ The adapter keeps 77 tokens, so ComfyUI batches our positive with CLIP's 77-toke
 UNet call (comfy/conds.py, CONDCrossAttn.can_concat). An adapter whose token count cannot be
 batched doubles the UNet calls and would show here as a ratio near 2. Goal: ratio < 1.05.
 
-Weights are random (built once by tests/support/weights.py into the cache); the LLM is the test
+Weights are random (built once by devkit/weights.py into the cache); the LLM is the test
 suite's tiny Qwen2 with the real Qwen2.5 tokenizer, so the LLM's own cost is far below a real
 1.5B model's: this measures the pipeline overhead (tokenising, every-layer states, the adapter,
 conditioning plumbing, batching with the negative), not a production LLM's forward.
 
-    PYTHONPATH=tests .venv/bin/python -m bench.comfy_conditioning_overhead             # ~5 min on 2 cores
-    PYTHONPATH=tests .venv/bin/python -m bench.comfy_conditioning_overhead --repeats 2 # quicker, noisier
+    .venv/bin/python -m bench.comfy_conditioning_overhead             # ~5 min on 2 cores
+    .venv/bin/python -m bench.comfy_conditioning_overhead --repeats 2 # quicker, noisier
 
 Writes the Markdown table to stdout and, with --out, to a file.
 """
@@ -152,12 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
 
-    try:  # the e2e harness: server, random weights, tiny LLM (tests/support)
-        from support import weights
-        from support.comfyui import ComfyServer
-        from support.tiny_models import make_tiny_llm
+    try:  # the e2e harness: server, random weights, tiny LLM (devkit/)
+        from devkit import weights
+        from devkit.comfyui import ComfyServer
+        from devkit.tiny_models import make_tiny_llm
     except ModuleNotFoundError as err:
-        parser.error(f"{err}: run from the repository root with PYTHONPATH=tests (the benchmark uses the test harness)")
+        parser.error(f"{err}: run from the repository root (the benchmark uses devkit/, the test harness)")
 
     sd15 = weights.build_sd15()
     llm_dir = make_tiny_llm(family="qwen2")

@@ -1,6 +1,6 @@
 """Load time, peak memory and encode time of a full-size LLM through the transformers path and ComfyUI's.
 
-Issue 7's "Measured": a random model of Qwen2.5-3B's shape (tests/support/full_llm.py: 3.09 B parameters,
+A random model of Qwen2.5-3B's shape (devkit/full_llm.py: 3.09 B parameters,
 a 6.2 GB bf16 single file and a Hugging Face folder over the same file), loaded and run on the CPU the
 way the two LLM loaders do it:
 
@@ -19,11 +19,11 @@ load the model first (a no-op on a CPU, as in the node). The states of the first
 across arms (max |a - b| / max |b| over the [1, L+1, T, H] tensor): the full-size parity check.
 
 Ratios: peak / file size (the bf16 weights, 6.2 GB), peak / the weights as the arm holds them in memory,
-and every time or peak / the transformers arm's. Goal (issue 7): peak under 1.3x the weights; the
+and every time or peak / the transformers arm's. Goal: peak under 1.3x the weights; the
 ComfyUI path no slower than transformers.
 
-    PYTHONPATH=tests .venv/bin/python -m bench.comfy_llm_paths          # ~13 GB free RAM needed; ~15 min on 2 cores
-    PYTHONPATH=tests .venv/bin/python -m bench.comfy_llm_paths --arms transformers,comfyui,transformers-bf16
+    .venv/bin/python -m bench.comfy_llm_paths          # ~13 GB free RAM needed; ~15 min on 2 cores
+    .venv/bin/python -m bench.comfy_llm_paths --arms transformers,comfyui,transformers-bf16
 
 Builds the random weights on first use (about 4 minutes, cached). Writes a Markdown table to stdout
 and, with --out, to a file.
@@ -84,12 +84,11 @@ def run_arm(arm: str, states_out: Path) -> dict:
     """One arm in this process: load, encode, report (called in the subprocess)."""
     import torch
 
-    from support.full_llm import build_qwen25_3b
+    from devkit.full_llm import build_qwen25_3b
 
     weights = build_qwen25_3b()
     if arm == "comfyui":
-        sys.path.insert(0, str(REPO / "tests" / "unit"))
-        from test_nodes_pack import load_pack, pack_module  # imports ComfyUI in CPU mode and the pack, as ComfyUI does
+        from devkit.comfy_pack import load_pack, pack_module  # imports ComfyUI in CPU mode and the pack, as ComfyUI does
 
         load_pack()
         lib, comfy_llm = pack_module("adapter"), pack_module("nodes.comfy_llm")
@@ -135,7 +134,7 @@ def run_arm(arm: str, states_out: Path) -> dict:
 
 
 def run_subprocess(arm: str, states_out: Path) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]), HF_HUB_OFFLINE="1",
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1")
     cmd = [sys.executable, "-m", "bench.comfy_llm_paths", "--one-arm", arm, "--states", str(states_out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
@@ -189,7 +188,7 @@ def main(argv=None) -> int:
         return 0
     import torch
 
-    from support.full_llm import build_qwen25_3b
+    from devkit.full_llm import build_qwen25_3b
 
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
     unknown = sorted(set(arms) - set(ARMS))

@@ -1,4 +1,4 @@
-"""`make demo`: the whole method, trained and measured on a CPU, on the shapes benchmark (DESIGN.md section 6).
+"""`make demo`: the whole method, trained and measured on a CPU, on the shapes benchmark (docs/design.md section 6).
 
     make demo        (= python -m bench.demo [--prompts 100] [--steps 600] [--out outputs/demo])
 

@@ -1,6 +1,6 @@
 """What exact timestep-aware conditioning adds per sampler step: the adapter's `decode` vs an SD1.5 UNet call.
 
-The ComfyUI wrapper (LLMDiffApplyAdapter, issue 6) caches `encode_states` per conditioning entry and
+The ComfyUI wrapper (LLMDiffApplyAdapter) caches `encode_states` per conditioning entry and
 runs `decode` (timestep MLP + adaLN-modulated resampler + context head) at every UNet call, for the
 whole batch that call carries (cond and uncond of CFG: batch 2). This script measures that added cost
 against one call of a full-size, randomly initialised SD1.5 UNet (diffusers' UNet2DConditionModel
@@ -21,7 +21,7 @@ adapter/step_context.py's StepContexts for two conditioning entries as LLMDiffTe
 of the default template: 16 template tokens of Qwen2.5's chat template + the 256-token budget), i.e.
 trimming, batching, the one decode, the cache and assembling both contexts on the conditioning device;
 the ComfyUI glue around it only copies a few dicts.
-Goal (issue 6): decode < 1% of the UNet step in FLOPs. The UNet's FLOPs grow with the latent size,
+Goal: decode < 1% of the UNet step in FLOPs. The UNet's FLOPs grow with the latent size,
 so 32x32 is the least favourable of the usual sizes for this ratio.
 
     python -m bench.timestep_overhead                 # about 3.5 GB of RAM, a minute or two on 2 cores

@@ -15,8 +15,8 @@
      optimizer          AdamW step over the adapter's parameters
 3. Prints a table: trainer ms/step (median after warm-up) vs the sum of the parts, and the overhead.
 
-Models: a 24M-parameter SD1.5-shaped UNet (tests/support/tiny_pipelines.py "sd15-bench"), the tiny Qwen2
-of tests/support/tiny_models.py, a 2+2-layer adapter of width 256. Everything is built locally and cached.
+Models: a 24M-parameter SD1.5-shaped UNet (devkit/tiny_pipelines.py "sd15-bench"), the tiny Qwen2
+of devkit/tiny_models.py, a 2+2-layer adapter of width 256. Everything is built locally and cached.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests")]  # the adapter package and the test fixtures' model builders
+sys.path[:0] = [str(REPO)]  # the adapter package and devkit's model builders, also when run as a file
 
 import torch  # noqa: E402
 
@@ -132,9 +132,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from support.tiny_models import make_tiny_llm
-    from support.tiny_pipelines import tiny_pipeline
-    from support.train_runs import tiny_dataset
+    from devkit.tiny_models import make_tiny_llm
+    from devkit.tiny_pipelines import tiny_pipeline
+    from devkit.train_runs import tiny_dataset
 
     import shutil
 

@@ -1,4 +1,4 @@
-"""LLMDiffApplyAdapter: a model clone that conditions every UNet call at its real timestep (issue 6)."""
+"""LLMDiffApplyAdapter: a model clone that conditions every UNet call at its real timestep."""
 from __future__ import annotations
 
 import logging

@@ -1,6 +1,6 @@
 """The trainer's configuration: one typed tree of dataclasses, TOML on top, the command line on top of that.
 
-Precedence, lowest first (a contract, see issue 4):
+Precedence, lowest first (a contract, see docs/design.md section 8):
     defaults in code < --preset NAME (training/configs/NAME.toml) < --config FILE.toml < named flags < --set key=value
 
 The defaults in code ARE the `dynamic-kl` preset, so a run without --preset trains the default recipe.
@@ -257,7 +257,7 @@ def nest(key: str, value: Any) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # command line
 
-# named flag -> config key (the flags are a pinned contract: issue 4)
+# named flag -> config key (the flags are a pinned contract: docs/design.md section 8)
 NAMED_FLAGS: dict[str, tuple[str, type, str]] = {
     "--base-model": ("model.base_model", str, "diffusers folder of SD1.5 / SD2 / SDXL, or a single-file checkpoint"),
     "--llm": ("model.llm", str, "Hugging Face-format LLM folder"),

@@ -1,6 +1,6 @@
 """Training data: find image/caption pairs, bucket them by aspect ratio, and order them reproducibly.
 
-Three layouts are read (DESIGN.md section 4):
+Three layouts are read (docs/design.md section 4):
 * an image folder (searched recursively) where `photo.png` has its caption in `photo.txt`;
 * a folder with `metadata.jsonl` (diffusers' ImageFolder convention: {"file_name": ..., "text": ...} per line);
 * webdataset `.tar` shards (a .tar file, a folder of them, or a glob): members `key.jpg|png|webp` and

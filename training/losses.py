@@ -1,6 +1,6 @@
 """The training loss: timestep-weighted denoising error plus a gated, annealed KL to a weak teacher.
 
-Notation (DESIGN.md section 5): eps is the true noise, eps_S the student (UNet with the
+Notation (docs/design.md section 5): eps is the true noise, eps_S the student (UNet with the
 adapter's context), eps_T the frozen teacher (the same UNet with its own CLIP context) on
 the same x_t and t; SNR_t = abar_t / (1 - abar_t); e(x) is the per-sample mean squared error.
 
@@ -282,7 +282,7 @@ def _per_sample_mse(a: Tensor, b: Tensor) -> Tensor:
 
 
 class DiffusionLoss(nn.Module):
-    """Weighted epsilon-MSE plus the gated, annealed teacher KL term (DESIGN.md section 5).
+    """Weighted epsilon-MSE plus the gated, annealed teacher KL term (docs/design.md section 5).
 
     Its only trainable parameters are those of `LearnedWeighting` (when weighting ==
     "learned"); the trainer gives them their own optimizer. The weight tables are

@@ -1,6 +1,6 @@
 """The frozen LLM's states cached on disk per caption: opt-in (`--set data.cache_llm_states=true`).
 
-By default the trainer runs the LLM on every step's captions (DESIGN.md section 4): the states of every
+By default the trainer runs the LLM on every step's captions (docs/design.md section 4): the states of every
 layer are large (layers x tokens x hidden per caption, e.g. 29 x 60 x 1536 x 2 bytes = 5 MB for
 Qwen2.5-1.5B in bf16), so a cache pays only when the LLM forward is a real share of the step and the
 dataset's distinct captions fit on disk. This module holds that cache:

@@ -11,7 +11,7 @@ Two processes on a CPU (what the tests do; `accelerate launch --cpu` starts only
 A preempted job continues exactly where it stopped when rerun with the same command plus:
     --resume latest        (starts fresh, and says so, when there is no checkpoint yet)
 
-What one step does (DESIGN.md sections 2, 4, 5):
+What one step does (docs/design.md sections 2, 4, 5):
     latents (VAE, cached on disk) + noise at a random timestep -> x_t
     prompt -> template -> frozen LLM -> every layer's states -> adapter -> context (+ pooled for SDXL)
     student = UNet(x_t, t, adapter context)             -- gradients flow into the adapter (and UNet LoRA)

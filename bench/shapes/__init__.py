@@ -1,5 +1,5 @@
 """The shapes benchmark: procedurally drawn scenes of coloured shapes, captions from a grammar, a fixed
-split that holds out attribute combinations, and an exact detector-free scorer (DESIGN.md section 6).
+split that holds out attribute combinations, and an exact detector-free scorer (docs/design.md section 6).
 
     from bench.shapes import generate, write_image_folder, heldout_prompts, score, parse_caption
 

@@ -1,6 +1,6 @@
 """Measure a conditioning on the shapes benchmark: alignment of sampled images, and validation epsilon-MSE.
 
-Two measurements that do not depend on any loss weighting (DESIGN.md section 5), so every arm of the
+Two measurements that do not depend on any loss weighting (docs/design.md section 5), so every arm of the
 study is compared on the same ruler:
 
 - `alignment`: sample each prompt once with the trainer's own sampler (training/sampling.py: DDIM with

@@ -1,4 +1,4 @@
-"""`make bench-shapes`: the shapes study, with seeds and confidence intervals (issues 5 and 6).
+"""`make bench-shapes`: the shapes study, with seeds and confidence intervals.
 
     python -m bench.shapes.study [--out outputs/shapes-study] [--seeds 0 1 2] [--steps 400] [--every 100]
                                  [--align-every 200] [--prompts 200] [--jobs 2] [--arms dynamic-kl last-layer ...]
@@ -8,7 +8,7 @@ Arms (each a trainer preset; the shapes sizes come from bench/shapes/adapter.tom
     dynamic-kl       the default recipe: min-SNR weighting + annealed, gated KL to the teacher, all-layer fusion
     last-layer       dynamic-kl with last-layer fusion (the ablation of fusing every block)
     uniform, min-snr, kl   plain timestep weightings without the teacher
-    timestep-aware   dynamic-kl with the timestep-aware resampler (issue 6), sampled with guidance
+    timestep-aware   dynamic-kl with the timestep-aware resampler, sampled with guidance
 For every seed s an arm is trained with --seed s and evaluated at each of its checkpoints (every `--every`
 steps): validation epsilon-MSE on fixed val triplets (every checkpoint) and the alignment of held-out prompts
 (the final checkpoint of every arm, and every checkpoint of the weighting arms), sampled from noise seed s.

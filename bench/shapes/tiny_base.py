@@ -1,6 +1,6 @@
 """The shapes benchmark's tiny base model, the weak teacher: a diffusers Stable Diffusion folder made from scratch.
 
-The trainer treats it like any SD1.5 checkpoint (DESIGN.md section 6): `StableDiffusionPipeline.from_pretrained`
+The trainer treats it like any SD1.5 checkpoint (docs/design.md section 6): `StableDiffusionPipeline.from_pretrained`
 reads its `model_index.json` and the five parts, all of the same classes as the real model, scaled down:
 
 - `vae`: AutoencoderKL with three levels, so 64x64 images become 16x16x8 latents (4x down, 8 channels). Trained
@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 # SD's noise schedule (runwayml/stable-diffusion-v1-5/scheduler_config.json), epsilon prediction.
 SD_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                     clip_sample=False, steps_offset=1, prediction_type="epsilon")
-CONTEXT_TOKENS = 77  # CLIP's sequence length: the adapter's default N matches it (DESIGN.md section 2)
+CONTEXT_TOKENS = 77  # CLIP's sequence length: the adapter's default N matches it (docs/design.md section 2)
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
 

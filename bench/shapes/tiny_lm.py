@@ -1,6 +1,6 @@
 """The shapes benchmark's tiny decoder-only LM: a word-level tokenizer and a 4-block Llama, trained on captions.
 
-It stands in for the user's LLM (DESIGN.md section 6): a normal Hugging Face folder (config.json,
+It stands in for the user's LLM (docs/design.md section 6): a normal Hugging Face folder (config.json,
 model.safetensors, tokenizer.json + tokenizer_config.json with a chat template) that
 `adapter.load_llm(folder)` loads exactly like a downloaded Llama, so the adapter sees it through the
 same code path, chat template and user-span search included.

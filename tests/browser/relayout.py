@@ -154,7 +154,7 @@ TITLES = {
 
 
 def main(paths: list[str]) -> None:
-    from support.comfyui import ComfyServer
+    from devkit.comfyui import ComfyServer
 
     with ComfyServer("relayout") as server, frontend.browser() as context:
         page = frontend.open_frontend(context, server.url)

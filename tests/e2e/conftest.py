@@ -41,8 +41,8 @@ from pathlib import Path
 
 import pytest
 
-from support.comfyui import ComfyServer, repo_root
-from support import weights as weights_mod
+from devkit.comfyui import ComfyServer, repo_root
+from devkit import weights as weights_mod
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def _our_models(tmp_path_factory):
     llms, adapters = {}, {}
     try:
         with _timed("our models (tiny LLMs + adapter init)"):
-            from support.tiny_models import make_tiny_llm
+            from devkit.tiny_models import make_tiny_llm
 
             llms["tiny-qwen2"] = make_tiny_llm(family="qwen2")
             llms["tiny-llama"] = make_tiny_llm(family="llama")

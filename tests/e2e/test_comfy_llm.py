@@ -23,7 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from support.comfyui import ComfyServer
+from devkit.comfyui import ComfyServer
 
 # The server holds the bf16 weights (6.2 GB) and, while CLIPLoader runs, the file's tensors beside them:
 # measured peak RSS 12.4 GB (printed at the end of the session as "qwen25_3b"), about 5 minutes on 2 cores.
@@ -40,7 +40,7 @@ def comfy_qwen25_3b(_servers, e2e_tools, tmp_path_factory):
     if free < MIN_FREE_GIB:
         pytest.skip(f"the Qwen2.5-3B server needs ~{MIN_FREE_GIB} GiB of available RAM (6.2 GB of bf16 weights, "
                     f"held twice while the file loads); this machine has {free:.1f} GiB available now")
-    from support.full_llm import build_qwen25_3b
+    from devkit.full_llm import build_qwen25_3b
 
     with e2e_tools.timed("qwen25_3b random weights (cached after the first build)"):
         weights = build_qwen25_3b()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from support.comfyui import repo_root
+from devkit.comfyui import repo_root
 
 pytestmark = pytest.mark.skipif(not shutil.which("chromium") and not Path("/usr/bin/chromium").exists(),
                                 reason="no /usr/bin/chromium: `apt-get install chromium` (make setup does it as root)")

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 
-from test_workflows import PROMPT_A, load_api, nodes_of, pixels, set_prompt
+from support.workflows import PROMPT_A, load_api, nodes_of, pixels, set_prompt
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Apply LLM Diff Adapter (timestep-aware) in the real ComfyUI server, SD1.5 (issue 6).
+"""Apply LLM Diff Adapter (timestep-aware) in the real ComfyUI server, SD1.5.
 
 Instrumented, not assumed: the test-only LLMDiffProbe node (probe_node.py, trace mode) records the context
 of every UNet call and of every ControlNet call with their timesteps, and what our wrapper reported. The
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_workflows import load_api, nodes_of, pixels, set_prompt
+from support.workflows import load_api, nodes_of, pixels, set_prompt
 
 WORKFLOW = "sd15_adapter_timestep_aware"
 ADAPTER = "tiny-qwen2-sd15-timestep.safetensors"

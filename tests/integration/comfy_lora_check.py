@@ -22,7 +22,7 @@ import comfy.cli_args  # noqa: E402
 
 comfy.cli_args.args.cpu = True  # before comfy.model_management is imported: it probes CUDA at import
 # comfy.model_base imports torchvision at module level (Cosmos/Cascade only); PyPI's torchvision wheel
-# cannot load beside the CPU torch here, so an empty stand-in answers (as tests/unit/test_nodes_pack.py does).
+# cannot load beside the CPU torch here, so an empty stand-in answers (as devkit/comfy_pack.py does).
 _stub = types.ModuleType("torchvision")
 _stub.__spec__ = importlib.machinery.ModuleSpec("torchvision", None, is_package=True)
 _stub.__path__ = []

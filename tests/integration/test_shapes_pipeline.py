@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from bench.shapes.assets import ASSETS_VERSION, ensure_assets
-from support.cache import cache_dir
+from devkit.cache import cache_dir
 
 ROOT = Path(__file__).resolve().parents[2]
 

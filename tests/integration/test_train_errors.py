@@ -3,8 +3,8 @@ an adapter built for another LLM, and non-finite losses."""
 import pytest
 
 from adapter import AdapterConfig, LLMDiffAdapter, load_llm, make_target, save_adapter
-from support.tiny_models import make_tiny_llm
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.tiny_models import make_tiny_llm
+from devkit.train_runs import run_train, tiny_dataset, train_command
 
 pytestmark = pytest.mark.slow
 

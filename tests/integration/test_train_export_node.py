@@ -2,19 +2,17 @@
 ComfyUI modules), and the node's conditioning is exactly what the trainer trained on: train and inference
 cannot drift."""
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from adapter import encode_prompts, load_adapter, load_llm
-from support.tiny_models import make_tiny_llm
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.tiny_models import make_tiny_llm
+from devkit.train_runs import run_train, tiny_dataset, train_command
 from training.train import adapter_context
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))  # the node tests' ComfyUI import helpers
-from test_nodes_pack import load_pack, node_classes  # noqa: E402
+from devkit.comfy_pack import load_pack, node_classes
 
 pytestmark = pytest.mark.slow
 

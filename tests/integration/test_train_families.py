@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from adapter import load_adapter, read_adapter_config
-from support.cache import vendored_comfyui_source
-from support.tiny_pipelines import tiny_pipeline
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.cache import vendored_comfyui_source
+from devkit.tiny_pipelines import tiny_pipeline
+from devkit.train_runs import run_train, tiny_dataset, train_command
 
 pytestmark = pytest.mark.slow
 

@@ -4,7 +4,7 @@ run_train kills torchrun and every rank (each runs in a session of its own), so 
 import pytest
 
 from adapter import load_adapter
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.train_runs import run_train, tiny_dataset, train_command
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,7 @@ import torch
 from safetensors.torch import load_file
 
 from adapter import load_adapter, read_adapter_config
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.train_runs import run_train, tiny_dataset, train_command
 
 pytestmark = pytest.mark.slow
 

@@ -12,14 +12,14 @@ import torch
 from safetensors.torch import save_file
 
 from adapter import read_adapter_config
-from support.cache import cache_dir, vendored_comfyui_source
-from support.train_runs import run_train, tiny_dataset, train_command
-from support.tiny_pipelines import TINY_VERSION, tiny_pipeline
+from devkit.cache import cache_dir, vendored_comfyui_source
+from devkit.train_runs import run_train, tiny_dataset, train_command
+from devkit.tiny_pipelines import TINY_VERSION, tiny_pipeline
 from training.models import BaseModelError, load_base_model
 
 pytestmark = pytest.mark.slow
 
-# ComfyUI's description of the tiny SD1.5-like UNet (tests/support/tiny_pipelines.py) for its key map:
+# ComfyUI's description of the tiny SD1.5-like UNet (devkit/tiny_pipelines.py) for its key map:
 # two levels, one res block each, a transformer only at the second level and in the middle.
 TINY_UNET_LDM = dict(num_res_blocks=[1, 1], channel_mult=[1, 2], transformer_depth=[0, 1],
                      transformer_depth_output=[0, 0, 1, 1], transformer_depth_middle=1)

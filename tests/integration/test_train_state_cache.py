@@ -5,8 +5,8 @@ import torch
 from safetensors.torch import load_file
 
 from adapter import TemplateConfig, encode_prompts, load_llm
-from support.tiny_models import make_tiny_llm
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.tiny_models import make_tiny_llm
+from devkit.train_runs import run_train, tiny_dataset, train_command
 from training.config import TrainConfigError
 from training.state_cache import StateCache
 

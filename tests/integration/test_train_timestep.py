@@ -1,10 +1,10 @@
-"""The trainer with the timestep-aware adapter (issue 6): `--preset timestep-aware` trains the adaLN
+"""The trainer with the timestep-aware adapter: `--preset timestep-aware` trains the adaLN
 modulation and exports a timestep-aware file; validation samples with the context recomputed per step."""
 import pytest
 import torch
 
 from adapter import load_adapter, read_adapter_config
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.train_runs import run_train, tiny_dataset, train_command
 
 pytestmark = pytest.mark.slow
 

@@ -1,1 +1,2 @@
-"""Helpers shared by the test suite (importable as `support` thanks to pytest's pythonpath)."""
+"""Helpers only the test suite uses (importable as `support` through pytest's pythonpath); what the
+benchmarks share with the tests lives in `devkit/`."""

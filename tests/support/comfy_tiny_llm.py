@@ -23,7 +23,7 @@ the SentencePiece model carried inside the file under `spiece_model`, as ComfyUI
 The weight names need no mapping: ComfyUI's LLM files use the Hugging Face names (`model.layers.0...`)
 and its modules are named to match.
 
-Import only after ComfyUI is importable (test_nodes_pack.load_pack() or comfy_importable()).
+Import only after ComfyUI is importable (devkit.comfy_pack.load_pack() or comfy_importable()).
 """
 from __future__ import annotations
 
@@ -100,7 +100,7 @@ PARITY_CHANGES = {
 
 def parity_model(family: str) -> Path:
     """tiny_variant(family) with PARITY_CHANGES, built once per machine into the cache (atomic rename)."""
-    from support.cache import build_folder_once, cache_dir
+    from devkit.cache import build_folder_once, cache_dir
 
     return build_folder_once(cache_dir() / "tiny_llm_parity" / f"v{PARITY_VERSION}" / family,
                              lambda work: tiny_variant(family, work))
@@ -114,7 +114,7 @@ def tiny_variant(family: str, dest: Path, seed: int = 0, **changes) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from support.tiny_models import make_tiny_llm
+    from devkit.tiny_models import make_tiny_llm
 
     source, dest = make_tiny_llm(family=family), Path(dest)
     dest.mkdir(parents=True)

@@ -16,7 +16,7 @@ from adapter import __main__ as cli
 from adapter.config import TargetSpec
 from adapter.file_format import FORMAT_VERSION, read_adapter_config
 from adapter.model import LLMDiffAdapter
-from support.tiny_models import make_tiny_llm
+from devkit.tiny_models import make_tiny_llm
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--width", "64", "--heads", "4", "--refiner-layers", "1", "--resampler-layers", "1"]

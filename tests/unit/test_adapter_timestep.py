@@ -1,4 +1,4 @@
-"""Timestep-aware adapter (issue 6): equal to the static adapter at init, the split encode/decode path,
+"""Timestep-aware adapter: equal to the static adapter at init, the split encode/decode path,
 timestep handling and errors, and the file format (old static files unchanged, timestep-aware round trip)."""
 from pathlib import Path
 
@@ -7,42 +7,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adapter.config import AdapterConfig, ArchConfig, LLMInfo, make_target
 from adapter.errors import ConfigError
 from adapter.file_format import load_adapter, read_adapter_config, save_adapter
-from adapter.model import FALLBACK_TIMESTEP, EncodedStates, LLMDiffAdapter, timestep_embedding
+from adapter.model import FALLBACK_TIMESTEP, EncodedStates, timestep_embedding
+from support.adapters import HIDDEN, LAYERS, make_adapter, make_config, trained_like
 
-HIDDEN, LAYERS = 32, 3
 DATA = Path(__file__).parent / "data"
 # Written by adapter/model.py as committed before the timestep-aware mode existed (commit a3057ba),
 # with the inputs and outputs it gave then: the contract that static files keep loading unchanged.
 OLD_STATIC_FILE = DATA / "static_adapter_v1.safetensors"
 OLD_STATIC_IO = DATA / "static_adapter_v1_io.safetensors"
-
-
-def make_config(timestep_aware: bool, target="custom", timestep_blocks=1):
-    target_spec = make_target("custom", 8, context_dim=48, pooled_dim=40) if target == "custom" else make_target(target)
-    return AdapterConfig(
-        llm=LLMInfo("TinyForCausalLM", "tiny", HIDDEN, LAYERS, "tokfp1:" + "0" * 64),
-        target=target_spec,
-        arch=ArchConfig(width=64, heads=4, refiner_layers=1, resampler_layers=2, timestep_aware=timestep_aware,
-                        timestep_blocks=timestep_blocks),
-    )
-
-
-def make_adapter(timestep_aware: bool, seed=0, **kw) -> LLMDiffAdapter:
-    torch.manual_seed(seed)
-    return LLMDiffAdapter(make_config(timestep_aware, **kw)).eval()
-
-
-def trained_like(adapter: LLMDiffAdapter) -> LLMDiffAdapter:
-    """Give the zero-initialised modulation weights values, as training would, so the timestep matters."""
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for name, p in adapter.named_parameters():
-            if ".modulation." in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    return adapter
 
 
 def inputs(batch=3, length=7, seed=1):

@@ -21,7 +21,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from test_nodes_pack import load_pack, pack_module
+from devkit.comfy_pack import load_pack, pack_module
 
 RELATIVE_TOLERANCE = 1e-4
 FAMILIES = ["qwen2", "qwen3", "llama", "gemma2", "gemma3"]

@@ -11,8 +11,8 @@ from transformers import AutoTokenizer
 from adapter import AdapterConfig, AdapterMismatchError, LLMInfo, check_llm_matches
 from adapter.config import TARGETS
 from adapter.fingerprint import fingerprint_version, tokenizer_fingerprint
-from support.cache import comfy_tokenizer_dir
-from support.tiny_models import FAMILIES, make_tiny_llm, other_tokenizer_packaging, tiny_tokenizer
+from devkit.cache import comfy_tokenizer_dir
+from devkit.tiny_models import FAMILIES, make_tiny_llm, other_tokenizer_packaging, tiny_tokenizer
 
 
 class CodepointTokenizer:

@@ -12,7 +12,7 @@ from adapter import LLMLoadError, load_llm
 from adapter.generate import (GenerationHead, GenerationSettings, _CachedDecoder, build_generation_prompt,
                               enhance_prompt, generate_tokens, generation_head, sample_next_token, stop_token_ids)
 from adapter.llm import text_decoder
-from support.tiny_models import make_tiny_llm
+from devkit.tiny_models import make_tiny_llm
 
 INSTRUCTION = "Describe the picture in detail."
 RANDOM = dict(temperature=1.0, top_p=1.0)  # a random LLM's distribution is nearly flat: seeds must matter

@@ -14,7 +14,7 @@ from adapter.config import TemplateConfig
 from adapter.errors import LLMLoadError
 from adapter.fingerprint import tokenizer_fingerprint
 from adapter.llm import encode_prompts, find_decoder_parts, load_llm, run_llm
-from support.tiny_models import FAMILIES, make_tiny_llm, make_tiny_multimodal_gemma3
+from devkit.tiny_models import FAMILIES, make_tiny_llm, make_tiny_multimodal_gemma3
 
 ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM",
                  "llama2": "LlamaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3": "Gemma3ForCausalLM"}

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_adapter_timestep import trained_like
-from test_nodes_encode import env, qwen  # noqa: F401  (module fixtures: models folders, the tiny Qwen2)
-from test_nodes_pack import _torchvision_stub_if_missing, pack_module
+from support.adapters import trained_like
+from support.node_models import node_models, qwen  # noqa: F401  (fixtures; env = node_models)
+from devkit.comfy_pack import _torchvision_stub_if_missing, pack_module
 
 ATOL = 1e-5
 TINY_SD15_UNET = {  # comfy.model_detection's SD15 config, shrunk: 2 levels of 32/64 channels
@@ -284,7 +284,7 @@ def test_without_the_node_the_states_reach_the_unet_and_change_nothing(comfy, un
 
 
 def test_a_clip_negative_batches_with_our_positive_only_through_the_node(comfy, nodes, unet, aware, encode):
-    """ComfyUI batches entries only when they carry the same model_conds keys (documented in the README)."""
+    """ComfyUI batches entries only when they carry the same model_conds keys (documented in docs/nodes.md)."""
     positive, negative = encode(aware, "a red cube"), clip_like()
     plain, plain_calls = recording(comfy, unet)
     ksample(comfy, plain, positive, negative, steps=2)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from support.comfy_tiny_llm import parity_model, tiny_comfy_clip
-from test_nodes_pack import load_pack, node_classes, pack_module
+from devkit.comfy_pack import load_pack, node_classes, pack_module
 
 SMALL_ARCH = dict(width=64, heads=4, refiner_layers=1, resampler_layers=1)
 

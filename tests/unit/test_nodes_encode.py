@@ -9,58 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from support.tiny_models import make_tiny_llm
-from test_nodes_pack import load_pack, node_classes, pack_module
-
-SMALL_ARCH = dict(width=64, heads=4, refiner_layers=1, resampler_layers=1)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """models/LLM and models/llm_adapters in a temp dir, registered with ComfyUI's folder_paths."""
-    pack = load_pack()
-    import folder_paths
-
-    lib = pack_module("adapter")
-    root = tmp_path_factory.mktemp("models")
-    llm_dir, adapter_dir = root / "LLM", root / "llm_adapters"
-    adapter_dir.mkdir(parents=True)
-    llm_dir.mkdir()
-    qwen, llama = make_tiny_llm(family="qwen2"), make_tiny_llm(family="llama")
-    (llm_dir / "tiny-qwen2").symlink_to(qwen)
-    half = llm_dir / "half-copied"  # config and tokenizer copied, weights not
-    half.mkdir()
-    for item in qwen.iterdir():
-        if not item.name.endswith(".safetensors"):
-            (half / item.name).write_bytes(item.read_bytes())
-
-    def make_adapter(llm_path, target, name, **arch):
-        info = lib.load_llm(llm_path).info
-        config = lib.AdapterConfig(llm=info, target=lib.make_target(target), arch=lib.ArchConfig(**SMALL_ARCH, **arch))
-        torch.manual_seed(0)
-        lib.save_adapter(adapter_dir / name, lib.LLMDiffAdapter(config))
-
-    make_adapter(qwen, "sd15", "qwen-sd15.safetensors")
-    make_adapter(qwen, "sdxl", "qwen-sdxl.safetensors")
-    make_adapter(llama, "sd15", "llama-sd15.safetensors")
-    make_adapter(qwen, "sd15", "qwen-sd15-timestep.safetensors", timestep_aware=True)
-    data = (adapter_dir / "qwen-sd15.safetensors").read_bytes()
-    (adapter_dir / "truncated.safetensors").write_bytes(data[: len(data) // 2])
-    torch.save({"weight": torch.zeros(2)}, adapter_dir / "pickle.safetensors")  # a renamed .pt; never loaded
-
-    saved = dict(folder_paths.folder_names_and_paths)
-    folder_paths.folder_names_and_paths["LLM"] = ([str(llm_dir)], {"folder"})
-    folder_paths.folder_names_and_paths["llm_adapters"] = ([str(adapter_dir)], {".safetensors"})
-    nodes = node_classes()
-    yield pack, nodes
-    folder_paths.folder_names_and_paths.clear()
-    folder_paths.folder_names_and_paths.update(saved)
-
-
-@pytest.fixture(scope="module")
-def qwen(env):
-    pack, nodes = env
-    return nodes["LLMDiffLoadLLM"].execute("tiny-qwen2", "auto").args[0]
+from devkit.comfy_pack import pack_module
+from support.node_models import node_models, qwen  # noqa: F401  (fixtures; env = node_models)
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from support.tiny_models import make_tiny_llm
-from test_nodes_memory import comfy_clip, env, llm, load_calls  # noqa: F401  (fixtures: models, tiny Qwen2 both ways, a load spy)
-from test_nodes_pack import load_pack, pack_module
+from devkit.tiny_models import make_tiny_llm
+from devkit.comfy_pack import load_pack, pack_module
+from support.node_models import comfy_clip, llm, load_calls, qwen_sd15_models  # noqa: F401  (fixtures; env = qwen_sd15_models)
 
 RANDOM = dict(temperature=1.0, top_p=1.0)  # a random LLM's distribution is nearly flat: seeds must matter
 

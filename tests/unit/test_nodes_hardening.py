@@ -9,8 +9,8 @@ import shutil
 import pytest
 import torch
 
-from support.tiny_models import make_tiny_llm
-from test_nodes_pack import load_pack, node_classes, pack_module
+from devkit.tiny_models import make_tiny_llm
+from devkit.comfy_pack import load_pack, node_classes, pack_module
 
 SMALL_ARCH = dict(width=64, heads=4, refiner_layers=1, resampler_layers=1)
 

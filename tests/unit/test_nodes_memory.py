@@ -4,7 +4,7 @@ CPU only here: ComfyUI's load and offload devices are both the CPU, so weights d
 move, but ComfyUI still keeps its books: `current_loaded_models` (what it holds as loaded),
 `patcher.loaded_size()` (bytes it counts on the load device), `patcher.model.device` (where it
 last put the model) and the `force_full_load` / `memory_required` it is asked for. Those are what
-the tests observe. That the bytes really leave VRAM needs a GPU (see README, "Memory").
+the tests observe. That the bytes really leave VRAM needs a GPU (see docs/nodes.md, "Memory").
 """
 from __future__ import annotations
 
@@ -14,39 +14,8 @@ import types
 import pytest
 import torch
 
-from support.tiny_models import make_tiny_llm
-from test_nodes_pack import load_pack, node_classes, pack_module
-
-SMALL_ARCH = dict(width=64, heads=4, refiner_layers=1, resampler_layers=1)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """models/LLM with the tiny Qwen2 and models/llm_adapters with an SD1.5 adapter for it."""
-    load_pack()
-    import folder_paths
-
-    lib = pack_module("adapter")
-    root = tmp_path_factory.mktemp("models")
-    (root / "LLM").mkdir()
-    (root / "llm_adapters").mkdir()
-    qwen = make_tiny_llm(family="qwen2")
-    (root / "LLM" / "tiny-qwen2").symlink_to(qwen)
-    config = lib.AdapterConfig(llm=lib.load_llm(qwen).info, target=lib.make_target("sd15"), arch=lib.ArchConfig(**SMALL_ARCH))
-    torch.manual_seed(0)
-    lib.save_adapter(root / "llm_adapters" / "qwen-sd15.safetensors", lib.LLMDiffAdapter(config))
-    saved = dict(folder_paths.folder_names_and_paths)
-    folder_paths.folder_names_and_paths["LLM"] = ([str(root / "LLM")], {"folder"})
-    folder_paths.folder_names_and_paths["llm_adapters"] = ([str(root / "llm_adapters")], {".safetensors"})
-    nodes = node_classes()
-    yield nodes
-    folder_paths.folder_names_and_paths.clear()
-    folder_paths.folder_names_and_paths.update(saved)
-
-
-@pytest.fixture(scope="module")
-def llm(env):
-    return env["LLMDiffLoadLLM"].execute("tiny-qwen2", "auto").args[0]
+from devkit.comfy_pack import load_pack, pack_module
+from support.node_models import comfy_clip, llm, load_calls, qwen_sd15_models  # noqa: F401  (fixtures; env = qwen_sd15_models)
 
 
 @pytest.fixture(scope="module")
@@ -64,22 +33,6 @@ def fresh_state():
     mm.unload_all_models()
     yield
     mm.unload_all_models()
-
-
-@pytest.fixture
-def load_calls(monkeypatch):
-    """Every mm.load_models_gpu call: (models, memory_required, force_full_load), still doing the real work."""
-    import comfy.model_management as mm
-
-    calls, real = [], mm.load_models_gpu
-
-    def spy(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None, force_full_load=False):
-        calls.append((list(models), memory_required, force_full_load))
-        return real(models, memory_required=memory_required, force_patch_weights=force_patch_weights,
-                    minimum_memory_required=minimum_memory_required, force_full_load=force_full_load)
-
-    monkeypatch.setattr(mm, "load_models_gpu", spy)
-    return calls
 
 
 def where(patcher) -> tuple[bool, int, str]:
@@ -256,14 +209,6 @@ def test_why_a_transformers_llm_is_never_partially_loaded():
     patcher.patch_model(device_to=gpu, lowvram_model_memory=patcher.model_size() // 2)
     assert patcher.loaded_size() < patcher.model_size()  # partially loaded ...
     assert comfy_model(torch.zeros(1, 64, device=gpu)).device == gpu  # ... and it runs
-
-
-@pytest.fixture(scope="module")
-def comfy_clip(env):
-    """The tiny Qwen2's weights in ComfyUI's own implementation, as CLIPLoader builds it (test-only sizes)."""
-    from support.comfy_tiny_llm import tiny_comfy_clip
-
-    return tiny_comfy_clip(make_tiny_llm(family="qwen2"), "qwen2")
 
 
 @pytest.mark.parametrize("mode", ["auto", "keep_loaded", "unload_after"])

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from test_nodes_pack import load_pack
+from devkit.comfy_pack import load_pack
 
 
 @pytest.fixture

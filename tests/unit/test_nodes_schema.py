@@ -1,7 +1,7 @@
 """The node schemas are the public contract of every saved workflow: ids, input names and order."""
 import pytest
 
-from test_nodes_pack import node_classes
+from devkit.comfy_pack import node_classes
 
 # ComfyUI stores widget values by position: this order may only ever grow at the end.
 CONTRACT = {

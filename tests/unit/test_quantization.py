@@ -11,7 +11,7 @@ import torch
 
 from adapter import LLMLoadError, load_llm
 from adapter import quantization as quant
-from support.tiny_models import make_tiny_llm
+from devkit.tiny_models import make_tiny_llm
 
 CUDA = torch.device("cuda")
 
@@ -85,7 +85,7 @@ def test_load_llm_hands_the_config_and_the_device_to_transformers(bitsandbytes_p
 
 
 def test_the_loader_node_refuses_quantisation_without_cuda(tmp_path):
-    from test_nodes_pack import load_pack, node_classes, pack_module
+    from devkit.comfy_pack import load_pack, node_classes, pack_module
 
     load_pack()
     import folder_paths

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.shapes.assets import ASSETS_VERSION, BASE_FOLDER, LM_FOLDER, ensure_assets, read_manifest
-from support.cache import cache_dir
+from devkit.cache import cache_dir
 
 
 @pytest.fixture(scope="module")

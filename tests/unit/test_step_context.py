@@ -5,7 +5,7 @@ import torch
 
 from adapter.model import FALLBACK_TIMESTEP
 from adapter.step_context import LENGTH_MULTIPLE, StepContexts, StepStates, fit_length, state_length
-from test_adapter_timestep import HIDDEN, LAYERS, make_adapter, trained_like
+from support.adapters import HIDDEN, LAYERS, make_adapter, trained_like
 
 ATOL = 1e-5  # batched vs alone: the same math, summed in another order
 

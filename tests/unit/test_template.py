@@ -7,7 +7,7 @@ import torch
 from adapter.config import TemplateConfig
 from adapter.errors import AdapterError, ConfigError
 from adapter.template import tokenize_prompts
-from support.tiny_models import FAMILIES, tiny_tokenizer
+from devkit.tiny_models import FAMILIES, tiny_tokenizer
 
 PROMPTS = ["a red cat sitting on a chair", "一只猫, 东京の夜景", "emoji 🐱🌸 and 3.14 (x)", "cat"]
 
@@ -191,7 +191,7 @@ def test_bad_inputs_are_refused():
 
 @pytest.mark.parametrize("family", ["qwen3", "gemma2"])
 def test_recorded_chat_template_renders_the_same_with_a_tokenizer_packaged_without_it(family):
-    from support.tiny_models import other_tokenizer_packaging
+    from devkit.tiny_models import other_tokenizer_packaging
 
     from adapter.template import record_chat_template
     tok = tokenizer(family)
@@ -224,5 +224,5 @@ def test_recording_is_a_no_op_where_it_changes_nothing():
 
 
 def make_folder(family):
-    from support.tiny_models import make_tiny_llm
+    from devkit.tiny_models import make_tiny_llm
     return make_tiny_llm(family=family)

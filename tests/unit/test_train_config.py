@@ -1,4 +1,4 @@
-"""The trainer's config layering: defaults < --preset < --config < named flags < --set (issue 4)."""
+"""The trainer's config layering: defaults < --preset < --config < named flags < --set (docs/design.md section 8)."""
 import pytest
 
 from training.config import (

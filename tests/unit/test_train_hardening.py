@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from support.train_runs import REPO
+from devkit.train_runs import REPO
 from training import checkpoint as ckpt
 from training.config import CONFIGS_DIR, build_parser, list_presets
 from training.data import DatasetError, scan_dataset

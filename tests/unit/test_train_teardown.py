@@ -11,7 +11,7 @@ import textwrap
 import psutil
 import pytest
 
-from support.train_runs import REPO, run_in_own_group
+from devkit.train_runs import REPO, run_in_own_group
 
 pytestmark = pytest.mark.slow  # real processes: a few seconds each
 

@@ -24,7 +24,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from support.cache import cache_dir, comfy_tokenizer_dir
+from devkit.cache import cache_dir, comfy_tokenizer_dir
 
 TINY_VERSION = 1
 KINDS = ("sd15", "sd2v", "sdxl", "sd15-bench")  # sd15-bench: a wider, deeper UNet for bench/trainer_overhead.py

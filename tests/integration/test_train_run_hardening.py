@@ -4,7 +4,7 @@ import json
 import pytest
 
 from adapter.file_format import read_header
-from support.train_runs import run_train, tiny_dataset, train_command
+from devkit.train_runs import run_train, tiny_dataset, train_command
 from training.output_lock import LOCK_NAME
 
 pytestmark = pytest.mark.slow
