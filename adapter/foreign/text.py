@@ -117,6 +117,8 @@ def load_text_encoder(path, dtype: torch.dtype = torch.float32, device="cpu") ->
     class_name = ENCODER_MODEL_TYPES.get(config.model_type)
     if class_name is None:
         raise LLMLoadError(f"{path.name} is a {config.model_type} model, not a T5 / T5Gemma encoder")
+    if config.model_type == "t5gemma":
+        config.is_encoder_decoder = False  # T5GemmaEncoderModel builds (and loads) the encoder half only
     try:
         model = getattr(transformers, class_name).from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
                                                                   use_safetensors=True)
