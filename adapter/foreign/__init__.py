@@ -16,7 +16,7 @@ from .text import TextSide, encode_text, is_encoder, load_text_encoder
 
 __all__ = ["EllaAdapter", "EllaConfig", "RouWeiAdapter", "RouWeiConfig", "LAYOUTS", "ForeignConfig", "build_foreign_adapter",
            "file_shapes", "load_foreign_adapter", "recognise", "TextSide", "encode_text", "is_encoder",
-           "load_text_encoder", "is_foreign", "load_any_adapter"]
+           "load_text_encoder", "is_foreign", "load_any_adapter", "describe_adapter"]
 
 
 def is_foreign(config) -> bool:
@@ -34,3 +34,22 @@ def load_any_adapter(path, device="cpu", dtype=None):
     if isinstance(metadata, dict) and metadata.get("format") == FORMAT:
         return load_adapter(path, device=device, dtype=dtype)
     return load_foreign_adapter(path, device=device, dtype=dtype)
+
+
+def describe_adapter(module) -> str:
+    """One paragraph for the loader's `info`: what kind of adapter this is and its sizes."""
+    from ..model import FALLBACK_TIMESTEP
+
+    config = module.config
+    if is_foreign(config):
+        text = config.describe()
+        if config.timestep_aware:
+            text += (f". Timestep-aware: through 'Apply LLM Diff Adapter' its context is recomputed at every sampling "
+                     f"step's timestep; without it, the conditioning holds the context at the fixed timestep {FALLBACK_TIMESTEP:g}")
+        return text
+    target, arch, llm = config.target, config.arch, config.llm
+    pooled = f" + pooled {target.pooled_dim}" if target.pooled_dim else ""
+    return (f"LLM Diff Adapter [ours] for {llm.architecture} (hidden {llm.hidden_size}, {llm.num_layers} layers) -> "
+            f"{target.family} context {target.num_tokens} x {target.context_dim}{pooled}; width {arch.width}, "
+            f"{arch.refiner_layers} refiner + {arch.resampler_layers} resampler blocks"
+            + ("; timestep-aware" if module.timestep_aware else ""))

@@ -50,6 +50,9 @@ class TextSide:
     system_prompt: str = ""  # gemma_chat: the system turn
     pad: bool = True  # encoders: pad to max_length ("max_length" padding) rather than to the prompt ("flexible")
     suffix: str = ""  # text appended to the prompt (T5Gemma: "<eos>")
+    # Encoders: whether the adapter gets the padding mask (RouWei-T5Gemma) or reads every position it is given,
+    # the encoder's padding included (ELLA, whose reference passes no mask).
+    mask_adapter: bool = True
 
     def describe(self) -> str:
         if self.encoder in ("gemma_chat", "any"):
@@ -61,7 +64,7 @@ class TextSide:
 
 ROUWEI_GEMMA_TEXT = TextSide("gemma_chat", 512, skip_first=27, system_prompt=ROUWEI_SYSTEM_PROMPT)
 ROUWEI_T5GEMMA_TEXT = TextSide("t5gemma", 512, pad=True, suffix="<eos>")
-ELLA_TEXT = TextSide("t5", 128, pad=True)
+ELLA_TEXT = TextSide("t5", 128, pad=True, mask_adapter=False)
 
 
 class TextStates(NamedTuple):
@@ -182,8 +185,8 @@ def _encoder_states(llm: LoadedEncoder, side: TextSide, prompts: list[str]) -> T
                           padding="max_length" if side.pad else "longest")
     ids, mask = batch["input_ids"].to(llm.device), batch["attention_mask"].to(llm.device)
     states = llm.last_hidden_state(ids, mask).float()
-    if not side.pad and len(prompts) == 1:
-        mask = torch.ones_like(mask)  # flexible: every position of an unpadded prompt is real
+    if not side.mask_adapter:
+        mask = torch.ones_like(mask)  # the adapter reads every position, as its reference does
     tokens = [min(len(f), side.max_length) for f in full]
     return TextStates(states, mask.long(), tokens, [max(0, len(f) - side.max_length) for f in full], 0)
 
@@ -232,3 +235,47 @@ def _prefix_tokens(tokenizer, system_prompt: str) -> int:
 def with_overrides(side: TextSide, **values) -> TextSide:
     """`side` with the node's advanced inputs applied (None = keep the reference value)."""
     return replace(side, **{k: v for k, v in values.items() if v is not None})
+
+
+def check_pairing(config, llm, adapter_name: str, llm_name: str = "") -> None:
+    """Any adapter (ours or a published one) against the loaded text model; AdapterMismatchError naming both.
+
+    Ours read every layer of the decoder LLM they were trained with (file_format.check_llm_matches);
+    a published adapter needs its kind of text model (check_text_side) of the right width.
+    """
+    from .layouts import ForeignConfig
+
+    if isinstance(config, ForeignConfig):
+        check_text_side(config.text, llm, adapter_name)
+        check_width(config.arch.llm_dim if config.kind == "rouwei" else config.arch.input_dim, llm, adapter_name)
+        return
+    if is_encoder(llm):
+        raise AdapterMismatchError(
+            f"adapter {adapter_name!r} reads every layer of the decoder-only LLM it was trained with "
+            f"({config.llm.architecture}, hidden {config.llm.hidden_size}), but {llm_name or llm.info.name!r} is a "
+            f"{llm.info.model_type} text encoder: load that LLM's folder in Load LLM (T5 encoders are for ELLA / RouWei-T5Gemma)"
+        )
+    from ..file_format import check_llm_matches
+
+    check_llm_matches(config, llm.info, llm.tokenizer)
+
+
+def node_text_side(config, llm, system_prompt: str = "", skip_first: int = -1, t5_padding: str = "max_length",
+                   backend: str = "transformers") -> TextSide:
+    """The TextSide LLMDiffTextEncode runs for a published adapter: its reference settings, with the node's
+    advanced inputs over them ("" / -1 = the reference value)."""
+    if backend != "transformers":
+        raise AdapterMismatchError(
+            f"the {config.preset} adapter needs its text model from a Hugging Face folder in models/LLM (the states "
+            "come from transformers' implementation); a text_encoders/ single file loaded through ComfyUI is not supported for it"
+        )
+    if t5_padding not in ("max_length", "flexible"):
+        raise ValueError(f"t5_padding must be max_length or flexible, got {t5_padding!r}")
+    side = config.text
+    if side.encoder == "any" and is_encoder(llm):  # a custom-size RouWei file: the T5Gemma recipe for an encoder
+        side = replace(ROUWEI_T5GEMMA_TEXT, max_length=side.max_length)
+    elif side.encoder == "any":
+        side = replace(side, encoder="gemma_chat")
+    if side.encoder == "gemma_chat":
+        return with_overrides(side, system_prompt=system_prompt or None, skip_first=skip_first if skip_first >= 0 else None)
+    return replace(side, pad=t5_padding == "max_length")

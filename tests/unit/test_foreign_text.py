@@ -44,7 +44,8 @@ def test_ella_text_side_padded_and_flexible(t5):
     ids = t5.tokenizer(PROMPT, return_tensors="pt", padding="max_length", max_length=128, truncation=True)
     reference = T5EncoderModel.from_pretrained(make_tiny_t5()).eval()(**ids).last_hidden_state
     assert padded.states.shape == (1, 128, t5.info.hidden_size)
-    assert int(padded.mask.sum()) == padded.tokens[0] == int(ids["attention_mask"].sum())
+    assert padded.tokens[0] == int(ids["attention_mask"].sum()) < 128
+    assert bool(padded.mask.all())  # ELLA's reference reads every position, T5's padding included
     assert torch.allclose(padded.states, reference, atol=1e-6)
 
     flexible = encode_text(t5, replace(ELLA_TEXT, pad=False), [PROMPT])
@@ -101,3 +102,14 @@ def test_pairings_name_both_sides(t5, t5gemma, gemma):
     check_text_side(ELLA_TEXT, t5, "ella")  # the right pairs pass
     check_text_side(ROUWEI_T5GEMMA_TEXT, t5gemma, "rouwei_t5gemma")
     check_text_side(ROUWEI_GEMMA_TEXT, gemma, "rouwei_gemma")
+
+
+def test_a_text_model_of_another_width_is_refused(t5):
+    from adapter.foreign import EllaConfig
+    from adapter.foreign.layouts import ForeignConfig
+    from adapter.foreign.text import check_pairing
+    from adapter.config import TARGETS
+
+    config = ForeignConfig("ella", "ELLA-SD1.5-TSC-T5XL", "ella-tsc", TARGETS["sd15"], ELLA_TEXT, EllaConfig(), True)
+    with pytest.raises(AdapterMismatchError, match=r"reads 2048-wide text states, but 't5-w64-seed0' \(t5\) gives 64"):
+        check_pairing(config, t5, "ella-sd1.5-tsc-t5xl.safetensors")
