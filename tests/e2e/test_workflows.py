@@ -47,6 +47,15 @@ def fixture_names(family: str, timestep_aware: bool = False) -> dict[str, dict[s
     }
 
 
+# Workflows for the published adapters (docs/public_adapters.md): their text model and adapter in the
+# fixture's shapes (tests/e2e/conftest.py).
+PUBLIC_ADAPTER_NAMES = {
+    "sd15_ella": {"LLMDiffLoadLLM": {"llm_name": "tiny-t5"}, "LLMDiffLoadAdapter": {"adapter_name": "ella-random.safetensors"}},
+    "sdxl_rouwei_gemma": {"LLMDiffLoadLLM": {"llm_name": "gemma3-1b-width"},
+                          "LLMDiffLoadAdapter": {"adapter_name": "rouwei-gemma-random.safetensors"}},
+}
+
+
 def load_api(server: ComfyServer, workflow: str) -> dict:
     """The shipped UI workflow as an API prompt, with fixture models and a small, fast run."""
     from support.workflow_convert import ui_to_api
@@ -56,6 +65,7 @@ def load_api(server: ComfyServer, workflow: str) -> dict:
     family = family_of(workflow)
     has_area = bool(nodes_of(api, "ConditioningSetArea"))
     names = fixture_names(family, timestep_aware=bool(nodes_of(api, "LLMDiffApplyAdapter")))
+    names.update(PUBLIC_ADAPTER_NAMES.get(workflow, {}))
     for node in api.values():
         inputs = node["inputs"]
         inputs.update(names.get(node["class_type"], {}))
@@ -98,7 +108,7 @@ def server(request):
 
 def test_all_workflows_are_shipped():
     assert set(WORKFLOWS) >= {"sd15_adapter", "sd15_adapter_clip_concat", "sdxl_adapter", "sd2_adapter", "sd15_adapter_controlnet_area",
-                             "sd15_adapter_timestep_aware"}
+                             "sd15_adapter_timestep_aware", "sd15_ella", "sdxl_rouwei_gemma"}
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS)
@@ -117,8 +127,9 @@ def test_workflow_runs_and_the_prompt_steers_the_image(server, workflow):
     # from our own encode cache, which --cache-none does not touch.
     if not server.cache_none:
         assert set(nodes_of(api, "LLMDiffLoadLLM")) <= set(again.cached_nodes), again.cached_nodes
-    for preview in nodes_of(api, "PreviewAny"):
-        assert "reused the cached encoding" in "\n".join(again.outputs[preview]["text"])
+    for preview in nodes_of(api, "PreviewAny"):  # those showing an encode node's info (not a loader's)
+        if api[api[preview]["inputs"]["source"][0]]["class_type"] == "LLMDiffTextEncode":
+            assert "reused the cached encoding" in "\n".join(again.outputs[preview]["text"])
     assert np.abs(image_a - image_b).max() > 0, "two different prompts gave the same image with the same seed"
     assert np.array_equal(image_a, image_a2), "the same prompt and seed gave a different image"
 
