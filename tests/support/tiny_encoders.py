@@ -57,10 +57,12 @@ def make_tiny_t5gemma(width: int = 64, seed: int = 0) -> Path:
     return build_folder_once(cache_dir() / "tiny_encoders" / f"v{FIXTURE_VERSION}" / f"t5gemma-w{width}-seed{seed}", build)
 
 
-def make_gemma3_1b_width(layers: int = 2, seed: int = 0) -> Path:
+def make_gemma3_1b_width(layers: int = 2, seed: int = 0, vocab_size: int | None = None) -> Path:
     """A random Gemma 3 decoder with Gemma-3-1B's widths (hidden 1152, 4 heads of 256, 1 KV head, MLP 6912)
     but `layers` blocks and the tiny gemma3 tokenizer: what a full-size RouWei-Gemma adapter reads, at a
-    fraction of the 1B model's CPU time and memory (the vocabulary alone is 262k x 1152 there)."""
+    fraction of the 1B model's CPU time and memory (the vocabulary alone is 262k x 1152 there).
+    `layers=26, vocab_size=262144` gives Gemma-3-1B's full shape (saved in bf16, 2 GB) for the benchmarks;
+    ids from the tiny tokenizer are all below its 1000 pieces, so any vocabulary size works with it."""
     def build(work: Path) -> None:
         import torch
         from transformers import AutoTokenizer, Gemma3ForCausalLM, Gemma3TextConfig
@@ -70,12 +72,16 @@ def make_gemma3_1b_width(layers: int = 2, seed: int = 0) -> Path:
         gemma = make_tiny_llm(family="gemma3")
         tokenizer = AutoTokenizer.from_pretrained(gemma)
         torch.manual_seed(seed)
-        config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=1152, intermediate_size=6912, num_hidden_layers=layers,
+        config = Gemma3TextConfig(vocab_size=vocab_size or len(tokenizer), hidden_size=1152, intermediate_size=6912, num_hidden_layers=layers,
                                   num_attention_heads=4, num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256,
                                   sliding_window=512, max_position_embeddings=32768, tie_word_embeddings=True,
                                   bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
-        Gemma3ForCausalLM(config).eval().save_pretrained(work, safe_serialization=True)
+        model = Gemma3ForCausalLM(config).eval()
+        if vocab_size:  # the full-size shape: bf16 on disk, as Gemma is published
+            model = model.to(torch.bfloat16)
+        model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
 
-    return build_folder_once(cache_dir() / "tiny_encoders" / f"v{FIXTURE_VERSION}" / f"gemma3-w1152-l{layers}-seed{seed}", build)
+    name = f"gemma3-w1152-l{layers}-seed{seed}" + (f"-v{vocab_size}" if vocab_size else "")
+    return build_folder_once(cache_dir() / "tiny_encoders" / f"v{FIXTURE_VERSION}" / name, build)
