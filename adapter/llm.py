@@ -214,8 +214,11 @@ def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remot
     if getattr(config, "is_encoder_decoder", False):
         from .foreign.text import ENCODER_MODEL_TYPES, load_text_encoder
 
-        if config.model_type in ENCODER_MODEL_TYPES and quantization == "none":
+        if config.model_type in ENCODER_MODEL_TYPES:
             # T5 / T5Gemma: the text encoders of the public adapters (ELLA, RouWei-T5Gemma); encoder half only.
+            if quantization != "none":
+                raise LLMLoadError(f"{path.name} is a {config.model_type} text encoder: 8/4-bit loading is for decoder "
+                                   "LLMs; load it with quantization none (dtype bf16/fp16 halves its memory)")
             return load_text_encoder(path, dtype=dtype, device=device)
         raise LLMLoadError(f"{path.name} is an encoder-decoder model ({config.model_type}); the adapter needs a "
                            "decoder-only LLM (Qwen2/2.5/3, Llama 2/3, Gemma 2/3)")
