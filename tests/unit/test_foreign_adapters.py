@@ -151,3 +151,15 @@ def test_own_format_still_loads_through_load_any_adapter():
 def test_file_shapes_reads_header_only():
     shapes, metadata = file_shapes(read_header(DATA / "ella_small.safetensors"))
     assert shapes["connector.latents"] == (8, 64) and "config" in metadata
+
+
+def test_full_size_separate_qkv_layout_is_recognised():
+    """The fork's re-saved layout of a full-size file (names as in rouwei_small_separate_qkv.safetensors)."""
+    from adapter.foreign.layouts import _split_fused
+
+    fused = {k: torch.empty(v, device="meta") for k, v in _manifest("rouwei_t5gemma_v0.2").items()}
+    split = {k: tuple(v.shape) for k, v in _split_fused(fused).items()}
+    small = file_shapes(read_header(DATA / "rouwei_small_separate_qkv.safetensors"))[0]
+    assert {k.split(".")[-2] for k in split if "proj" in k} == {k.split(".")[-2] for k in small if "proj" in k}
+    config = recognise(split)
+    assert (config.layout, config.preset, config.arch.n_wide_blocks) == ("rouwei-separate-qkv", "RouWei-T5Gemma (t5gemma-2b encoder)", 3)
