@@ -161,3 +161,25 @@ def test_sd15_adapter_on_an_sdxl_model_is_refused(ella):
     lib = pack_module("adapter")
     with pytest.raises(lib.AdapterMismatchError, match=r"768-wide SD1.5 context but the MODEL .* gives 2048 \(SDXL\)"):
         lib.check_context_dim(ella.config, 2048, None, "the MODEL connected to Apply LLM Diff Adapter")
+
+
+def test_ella_with_clip_concat_and_strengths_through_apply(comfy, nodes, unet, t5, ella):  # noqa: F811
+    """CLIP's 77 tokens after ELLA's 64 (any token count concatenates); the Apply node recomputes only ELLA's."""
+    from test_nodes_encode import FakeClip
+
+    cond, info = encode(nodes, t5, ella, "a red cube", clip=FakeClip(768, 768), clip_mode="concat", llm_strength=0.5,
+                        clip_strength=2.0)
+    context = cond[0][0]
+    assert context.shape == (1, 64 + 77, 768)
+    torch.testing.assert_close(context[:, :64], ella_reference(t5, ella, "a red cube", 500.0, 0.5), atol=ATOL, rtol=0)
+    assert torch.equal(context[:, 64:], torch.full((1, 77, 768), 1.0))
+    assert "trained without CLIP tokens" in info
+    patched, calls = recording(comfy, apply(nodes, unet, ella))
+    calc_cond_batch(comfy, patched, cond, encode(nodes, t5, ella, "")[0], [sigma_of(unet, 250.0)])
+    positive_calls = [c for c in calls if 0 in c["chunks"]]  # 141 and 64 tokens: ComfyUI runs them in separate calls
+    assert positive_calls and all(len(c["chunks"]) == 1 for c in positive_calls)
+    for call in positive_calls:
+        row = call["context"][0]
+        t = call["timesteps"][0]
+        torch.testing.assert_close(row[:64], ella_reference(t5, ella, "a red cube", t, 0.5)[0], **BATCH_TOL)
+        assert torch.equal(row[64:], torch.full((77, 768), 1.0))
