@@ -15,6 +15,8 @@ setup: $(STAMP)
 # The venv is rebuilt when a requirements file changes. torch is pinned to the CPU build
 # (requirements-test.txt) before anything else so no dependency can pull a CUDA build.
 $(STAMP): requirements.txt training/requirements.txt requirements-test.txt
+	# The browser test drives the distribution's Chromium (Playwright never downloads a browser here); CI runs this as root.
+	test -x /usr/bin/chromium || (apt-get update && apt-get install -y chromium)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0

@@ -15,3 +15,5 @@ if importlib.util.find_spec("comfy_api") is not None and importlib.util.find_spe
     from .nodes.paths import register_model_folders
 
     register_model_folders()
+
+WEB_DIRECTORY = "./web"  # a small frontend extension: folds advanced inputs away, fixes Enhance prompt's seed

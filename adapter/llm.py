@@ -185,6 +185,46 @@ def _check_folder(path: Path) -> None:
                            "tokenizer files from the model's release")
 
 
+class _LoadReportCapture(logging.Filter):
+    """Holds back transformers' load report while we load a causal LM's folder without its LM head.
+
+    The report lists `lm_head.weight | UNEXPECTED` for every such folder, which reads like an error to a
+    user although dropping the head is the point (only hidden states are used). After loading, `explain`
+    logs one plain line when the head is all that was left out, and the full report otherwise
+    (missing or mismatched weights are real problems).
+    """
+
+    def __enter__(self) -> "_LoadReportCapture":
+        self.records: list[logging.LogRecord] = []
+        self._logger = logging.getLogger("transformers.modeling_utils")
+        self._logger.addFilter(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._logger.removeFilter(self)
+        if exc[0] is not None:  # loading failed: the report may say why
+            self._release()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def _release(self) -> None:
+        for record in self.records:
+            logger.warning("%s", record.getMessage())
+
+    def explain(self, path: Path, loading_info: dict) -> None:
+        unexpected = set(loading_info.get("unexpected_keys") or ())
+        head = {k for k in unexpected if k.split(".", 1)[0] in ("lm_head", "output", "embed_out")}
+        if unexpected - head or loading_info.get("missing_keys") or loading_info.get("mismatched_keys"):
+            self._release()
+        elif head:
+            logger.info("%s: LM head weights (%s) not loaded: the adapter reads the hidden states only",
+                        path.name, ", ".join(sorted(head)))
+
+
 def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remote_code: bool = False,
              quantization: str = "none") -> LoadedLLM:
     """Load a decoder-only LLM folder offline, without its LM head; raises LLMLoadError naming the problem.
@@ -226,8 +266,11 @@ def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remot
         logger.warning("LLM model_type %r is untested with the adapter; loading it as a decoder-only model",
                        config.model_type)
     try:
-        model = AutoModel.from_pretrained(path, config=config, dtype=dtype, local_files_only=True,
-                                          trust_remote_code=trust_remote_code, use_safetensors=True, **quantized)
+        with _LoadReportCapture() as report:
+            model, loading_info = AutoModel.from_pretrained(
+                path, config=config, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code,
+                use_safetensors=True, output_loading_info=True, **quantized)
+        report.explain(path, loading_info)
     except Exception as err:  # corrupt or truncated safetensors, shape mismatches, ...: say which folder
         raise LLMLoadError(f"cannot load the LLM weights in {path}: {err}; copy the weight files again") from err
     built_class = type(model).__name__  # what architecture reports when config.json names none

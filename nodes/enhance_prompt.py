@@ -56,6 +56,11 @@ class LLMDiffEnhancePrompt(io.ComfyNode):
         from ..adapter.generate import GenerationSettings, build_generation_prompt, enhance_prompt, generation_head
         from .memory import generate_working_memory, llm_on_device, llm_shape
 
+        from .input_checks import check_finite, sanitize_text
+
+        check_finite("Enhance prompt with LLM", temperature=temperature, top_p=top_p)
+        text, _ = sanitize_text(text, "the text")  # the LLM reads U+FFFD; the caption it writes is the output
+        instruction, _ = sanitize_text(instruction, "the instruction")
         if not text.strip():
             raise ValueError("Enhance prompt with LLM: the text is empty; write a short prompt for the LLM to expand.")
         settings = GenerationSettings(max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p)

@@ -75,6 +75,21 @@ def file_identity(path: str) -> str:
     return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
 
 
+def folder_identity(path: str) -> str:
+    """Folder + name, size and modification time of every file in it (a Hugging Face folder is flat; symlinks, as in
+    a hub cache snapshot, are followed): changes when any shard, the config or the tokenizer is replaced."""
+    entries = []
+    with os.scandir(path) as items:
+        for item in items:
+            try:
+                if item.is_file():
+                    stat = item.stat()
+                    entries.append(f"{item.name}:{stat.st_size}:{stat.st_mtime_ns}")
+            except OSError:  # a dangling link: no weights there, loading names it
+                entries.append(f"{item.name}:missing")
+    return f"{os.path.abspath(path)}|" + "|".join(sorted(entries))
+
+
 @dataclass
 class LLMHandle:
     """What LLMDIFF_LLM carries: the loaded LLM (adapter.LoadedLLM), its patcher and identity."""
@@ -82,7 +97,7 @@ class LLMHandle:
     loaded: Any  # adapter.LoadedLLM: .model, .tokenizer, .info (LLMInfo), .device, .dtype
     patcher: comfy.model_patcher.ModelPatcher
     name: str  # folder name as picked in the node
-    identity: str  # folder + dtype + config.json stamp: the encode cache's key for "which LLM"
+    identity: str  # folder identity (every file's size and mtime) + dtype: the encode cache's key for "which LLM"
     memory_mode: str = "auto"  # nodes.memory.MEMORY_MODES: what happens to the weights after each run
     backend: str = "transformers"  # "transformers" (adapter.LoadedLLM) or "comfyui" (nodes.comfy_llm.ComfyLLM)
     partial_load: bool = False  # True when ComfyUI may leave part of the weights offloaded (comfy.ops layers)

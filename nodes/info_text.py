@@ -3,7 +3,8 @@ from __future__ import annotations
 
 
 def describe_encoding(*, llm_name: str, llm_info, adapter_name: str, config, prompt_info, notes: list[str]) -> str:
-    """A few plain lines; `prompt_info` is adapter.PromptInfo, `notes` the node's own remarks."""
+    """A Markdown list, one item per line: Preview Any renders Markdown, where plain lines would run together
+    into one paragraph. `prompt_info` is adapter.PromptInfo, `notes` the node's own remarks."""
     target = config.target
     lines = [
         f"LLM: {llm_name} ({llm_info.model_type}, {llm_info.num_layers} layers, hidden {llm_info.hidden_size})",
@@ -18,7 +19,7 @@ def describe_encoding(*, llm_name: str, llm_info, adapter_name: str, config, pro
         lines.append(f"truncated: {prompt_info.truncated_tokens} tokens over the budget were dropped: {shown!r}")
     lines.extend(f"warning: {w}" for w in prompt_info.warnings)
     lines.extend(f"note: {n}" for n in notes)
-    return "\n".join(lines)
+    return "\n".join(f"{ITEM}{line}" for line in lines)
 
 
 def describe_foreign(*, llm_name: str, llm_info, adapter_name: str, config, side, prompt_info, notes: list[str]) -> str:
@@ -39,4 +40,7 @@ def describe_foreign(*, llm_name: str, llm_info, adapter_name: str, config, side
                      + ("template tokens reach the adapter" if prompt_info.prefix_tokens > side.skip_first
                         else "the start of the prompt is cut"))
     lines.extend(f"note: {n}" for n in notes)
-    return "\n".join(lines)
+    return "\n".join(f"{ITEM}{line}" for line in lines)
+
+
+ITEM = "- "  # a Markdown list item; strip it to read a line's plain text

@@ -38,6 +38,27 @@ class LLMDiffLoadAdapter(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, adapter_name: str, **_) -> str:
+        """ComfyUI reruns the node when this changes: a file replaced under the same name is loaded again."""
+        from .handles import file_identity
+
+        try:
+            return file_identity(resolve_in_folder(ADAPTER_FOLDER, adapter_name, want_dir=False))
+        except (OSError, ValueError):  # missing: execute raises the message that says what to do
+            return f"unresolved:{adapter_name}"
+
+    @classmethod
+    def validate_inputs(cls, adapter_name: str | None = None) -> bool | str:
+        """Before anything runs: ComfyUI then lists every loader whose file is missing in one error report."""
+        if adapter_name is None:  # fed by a link: known only at execution
+            return True
+        try:
+            resolve_in_folder(ADAPTER_FOLDER, adapter_name, want_dir=False)
+        except (ValueError, FileNotFoundError) as err:
+            return str(err)
+        return True
+
+    @classmethod
     def execute(cls, adapter_name: str) -> io.NodeOutput:
         import torch
 

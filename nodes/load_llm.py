@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 
 from comfy_api.latest import io
 
@@ -24,7 +23,7 @@ class LLMDiffLoadLLM(io.ComfyNode):
             display_name="Load LLM (decoder-only)",
             category="conditioning/llm_diff_adapter",
             description=(
-                "Loads a decoder-only LLM (Qwen, Llama, Gemma) in Hugging Face format from models/LLM/<name>/ "
+                "Loads a decoder-only LLM (Qwen, Llama, Gemma) in Hugging Face format from its own folder in models/LLM "
                 "(config.json, safetensors weights, tokenizer files), or a single-file text encoder from "
                 "models/text_encoders through ComfyUI's own implementation. Nothing is downloaded."
             ),
@@ -57,12 +56,40 @@ class LLMDiffLoadLLM(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, llm_name: str, **_) -> str:
+        """ComfyUI reruns the node when this changes: a folder or file replaced under the same name is loaded again."""
+        from .handles import file_identity, folder_identity
+        from .llm_files import resolve_llm_file
+
+        try:
+            file_path = resolve_llm_file(llm_name)
+            if file_path is not None:
+                return file_identity(file_path)
+            return folder_identity(resolve_in_folder(LLM_FOLDER, llm_name, want_dir=True))
+        except (OSError, ValueError):  # missing or not an LLM: execute raises the message that says what to do
+            return f"unresolved:{llm_name}"
+
+    @classmethod
+    def validate_inputs(cls, llm_name: str | None = None) -> bool | str:
+        """Before anything runs: ComfyUI then lists every loader whose file is missing in one error report."""
+        if llm_name is None:  # fed by a link: known only at execution
+            return True
+        from .llm_files import resolve_llm_file
+
+        try:
+            if resolve_llm_file(llm_name) is None:
+                resolve_in_folder(LLM_FOLDER, llm_name, want_dir=True)
+        except (ValueError, FileNotFoundError) as err:
+            return str(err)
+        return True
+
+    @classmethod
     def execute(cls, llm_name: str, dtype: str, memory_mode: str = "auto", quantization: str = "none") -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
 
         from ..adapter import load_llm
-        from .handles import LLMHandle, choose_llm_dtype, file_identity, make_patcher
+        from .handles import LLMHandle, choose_llm_dtype, folder_identity, make_patcher
         from .llm_files import load_llm_file, resolve_llm_file
         from .memory import check_memory_mode
 
@@ -90,8 +117,7 @@ class LLMDiffLoadLLM(io.ComfyNode):
             patcher = make_patcher(loaded.model, load_device=device, offload_device=device)
         progress.update(1)
         mm.throw_exception_if_processing_interrupted()
-        config_stamp = file_identity(os.path.join(path, "config.json"))
-        handle = LLMHandle(loaded=loaded, patcher=patcher, name=llm_name, identity=f"{config_stamp}|{torch_dtype}|{quantization}",
+        handle = LLMHandle(loaded=loaded, patcher=patcher, name=llm_name, identity=f"{folder_identity(path)}|{torch_dtype}|{quantization}",
                            memory_mode=memory_mode)
         progress.update(1)
         return io.NodeOutput(handle)

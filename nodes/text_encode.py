@@ -102,12 +102,15 @@ class LLMDiffTextEncode(io.ComfyNode):
         from ..adapter import check_context_dim
         from .conditioning import build_conditioning
         from .encode import encode_with_adapter, encode_with_clip, encode_with_foreign
-        from .info_text import describe_encoding, describe_foreign
+        from .info_text import ITEM, describe_encoding, describe_foreign
+        from .input_checks import check_finite, sanitize_text
         from .prompt_weights import strip_prompt_weights
-
         from ..adapter.foreign import is_foreign
         from ..adapter.foreign.text import check_pairing, node_text_side
 
+        check_finite("LLM Diff Text Encode", llm_strength=llm_strength, clip_strength=clip_strength, pooled_blend=pooled_blend)
+        text, replaced = sanitize_text(text, "the prompt")
+        system_prompt, replaced_system = sanitize_text(system_prompt, "the system prompt")
         config = adapter.config
         foreign = is_foreign(config)
         # Before any work: names both sides and the fix (a T5 encoder with a Gemma adapter, and so on).
@@ -116,7 +119,7 @@ class LLMDiffTextEncode(io.ComfyNode):
         if clip_mode == "concat" and clip is None:
             raise ValueError("clip_mode is 'concat' but no CLIP is connected: connect the checkpoint's CLIP or set clip_mode to 'none'.")
         progress = comfy.utils.ProgressBar(2)
-        notes: list[str] = []
+        notes: list[str] = [note for note in (replaced, replaced_system) if note]
 
         llm_text, stripped = strip_prompt_weights(text)
         if stripped:
@@ -144,6 +147,7 @@ class LLMDiffTextEncode(io.ComfyNode):
             pooled_blend=pooled_blend if is_sdxl else 0.0, device=mm.intermediate_device(),
             sdxl_size=dict(width=width, height=height, crop_w=crop_w, crop_h=crop_h, target_width=target_width, target_height=target_height) if is_sdxl else None,
         )
+        _check_conditioning_finite(conditioning, encoding, llm.name, adapter.name)
         if encoding.states is not None:  # timestep-aware: the states Apply LLM Diff Adapter decodes at every step
             from .step_states import attach_step_states
 
@@ -154,9 +158,25 @@ class LLMDiffTextEncode(io.ComfyNode):
         else:
             info = describe_encoding(llm_name=llm.name, llm_info=llm.info, adapter_name=adapter.name, config=config, prompt_info=encoding.prompt_info, notes=notes)
         for line in info.splitlines():
-            if line.startswith(("warning:", "truncated:")):
-                log.warning("LLM Diff Text Encode: %s", line)
+            if line.removeprefix(ITEM).startswith(("warning:", "truncated:")):
+                log.warning("LLM Diff Text Encode: %s", line.removeprefix(ITEM))
         return io.NodeOutput(conditioning, info)
+
+
+def _check_conditioning_finite(conditioning, encoding, llm_name: str, adapter_name: str) -> None:
+    """Refuse to hand a sampler NaN or infinite conditioning (it would draw a black image and report success)."""
+    import torch
+
+    tokens, extras = conditioning[0]
+    pooled = extras.get("pooled_output")
+    if bool(torch.isfinite(tokens).all()) and (pooled is None or bool(torch.isfinite(pooled).all())):
+        return
+    adapter_bad = not bool(torch.isfinite(encoding.context).all()) or (
+        encoding.pooled is not None and not bool(torch.isfinite(encoding.pooled).all()))
+    source = (f"the adapter {adapter_name} with the LLM {llm_name} (a damaged or diverged adapter file, or an LLM in a "
+              "precision that overflows: try dtype fp32 or bf16)" if adapter_bad else "the connected CLIP")
+    raise ValueError(f"LLM Diff Text Encode: the conditioning holds NaN or infinite values, produced by {source}; "
+                     "nothing was passed on to the sampler.")
 
 
 def _ignored_inputs(config, is_sdxl: bool, has_clip: bool, clip_mode: str, pooled_blend: float, sizes: tuple,
@@ -170,9 +190,10 @@ def _ignored_inputs(config, is_sdxl: bool, has_clip: bool, clip_mode: str, poole
     if timestep_aware:
         from ..adapter.model import FALLBACK_TIMESTEP
 
-        notes.append(f"this adapter is timestep-aware: this CONDITIONING holds its context at the fixed timestep "
-                     f"{FALLBACK_TIMESTEP:g}; pass the model through 'Apply LLM Diff Adapter (timestep-aware)' to "
-                     "recompute it at every sampling step's real timestep")
+        notes.append(f"this adapter is timestep-aware: with the MODEL passed through 'Apply LLM Diff Adapter "
+                     "(timestep-aware)', as in the shipped timestep-aware workflow, its context is recomputed at every "
+                     f"sampling step's real timestep; without that node the sampler uses the context at the fixed "
+                     f"timestep {FALLBACK_TIMESTEP:g}")
     if config.concat_clip and clip_mode != "concat":
         notes.append("this adapter was trained with CLIP tokens beside its own: set clip_mode to 'concat' and connect the CLIP for the results it was trained for")
     if not config.concat_clip and clip_mode == "concat":

@@ -9,8 +9,9 @@ Layout of `<output_dir>/checkpoints/step-00000100/`:
 
 A checkpoint is written into a hidden temporary folder, the sentinel goes in last, and only then is
 the folder renamed into place, so `latest()` never returns a half-written checkpoint, whatever
-moment the job dies at. Randomness needs no saved RNG state: the trainer draws each step's noise,
-timesteps and dropout from a generator seeded by (seed, step, rank).
+moment the job dies at; a checkpoint of a step already on disk is swapped in with one atomic rename.
+Only one run writes here at a time (training/output_lock.py). Randomness needs no saved RNG state:
+the trainer draws each step's noise, timesteps and dropout from a generator seeded by (seed, step, rank).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -103,12 +105,46 @@ def save(output_dir: str | Path, step: int, trainable: dict[str, torch.Tensor], 
     (tmp / "state.json").write_text(json.dumps(state, indent=2), encoding="utf-8")
     _fsync_folder(tmp)
     (tmp / SENTINEL).write_text(f"step {step}\n", encoding="utf-8")
-    if final.exists():  # re-saving the same step (e.g. the final checkpoint right after a periodic one)
-        shutil.rmtree(final)
-    os.rename(tmp, final)
+    _move_into_place(tmp, final)
     _rotate(output_dir, keep)
     log.info("checkpoint written: %s", final)
     return final
+
+
+def _move_into_place(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final`. When `final` exists (the same step saved again, e.g. by a run resumed from an
+    older checkpoint), the two are swapped in one atomic rename, so a complete checkpoint of that step is
+    on disk at every moment; the old one is deleted after."""
+    if not final.exists():
+        os.rename(tmp, final)
+        return
+    if _exchange(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the replaced checkpoint
+        return
+    # No atomic swap on this system: a crash between these two renames leaves the previous step as the latest.
+    aside = final.with_name(f".old-{final.name}-{os.getpid()}")
+    os.rename(final, aside)
+    os.rename(tmp, final)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):  # a libc without the wrapper (glibc < 2.28, musl)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    log.debug("renameat2(RENAME_EXCHANGE) failed (errno %d): replacing %s non-atomically", ctypes.get_errno(), b)
+    return False
 
 
 def load(path: Path) -> dict[str, Any]:
@@ -128,7 +164,9 @@ def load(path: Path) -> dict[str, Any]:
 
 def _rotate(output_dir: str | Path, keep: int) -> None:
     folder = checkpoints_dir(output_dir)
-    for stale in folder.glob(".tmp-step-*"):  # left behind by a process that died mid-write
+    # Left behind by a process that died mid-write. Safe to delete: the run holds the output folder's lock
+    # (training/output_lock.py), so no other live run writes here.
+    for stale in [*folder.glob(".tmp-step-*"), *folder.glob(".old-step-*")]:
         if not stale.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(stale, ignore_errors=True)
     done = complete_checkpoints(output_dir)

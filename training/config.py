@@ -276,10 +276,55 @@ NAMED_FLAGS: dict[str, tuple[str, type, str]] = {
 }
 
 
+REQUIRED_INPUTS = {"--base-model": "model.base_model", "--llm": "model.llm", "--data": "data.path"}
+
+HELP_DESCRIPTION = """\
+Train an LLM Diff Adapter: a decoder-only LLM (--llm) conditions a Stable Diffusion base model
+(--base-model: SD1.5, SD2 or SDXL), trained on images with captions (--data).
+
+Settings, lowest precedence first: defaults < --preset < --config < named flags < --set.
+Every setting is a config key. The key in parentheses after a flag, e.g. (model.base_model), is the one
+that flag sets: in a --config TOML file write it as `[model]` then `base_model = "..."`, on the command
+line as `--set model.base_model=...`. --print-config lists every key with its resolved value."""
+
+
+def preset_summary(name: str) -> str:
+    """The first sentence of a preset's leading TOML comment: what the preset is."""
+    comment = []
+    for line in preset_path(name).read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        comment.append(line.lstrip("#").strip())
+    text = " ".join(comment)
+    end = text.find(". ")
+    return text if end < 0 else text[: end + 1]
+
+
+def help_epilog() -> str:
+    names = list_presets()
+    width = max(map(len, names)) + 2
+    presets = "\n".join(f"  {name:<{width}}{preset_summary(name)}" for name in names)
+    return (
+        f"presets (--preset NAME = training/configs/NAME.toml; default {DEFAULT_PRESET}):\n{presets}\n\n"
+        "examples:\n"
+        "  one GPU:\n"
+        "    python -m training.train --base-model models/sd15-diffusers --llm models/LLM/Qwen2.5-1.5B \\\n"
+        "        --data datasets/my-images --output-dir outputs/qwen-sd15 --max-steps 20000 --mixed-precision bf16\n"
+        "  8 GPUs on one node (torchrun; add --nnodes and --rdzv-endpoint for several nodes):\n"
+        "    torchrun --nproc_per_node 8 -m training.train --config my-run.toml --resume latest"
+    )
+
+
+def missing_inputs(cfg: "TrainConfig") -> list[str]:
+    """The required inputs this config lacks, as 'flag (key)'."""
+    values = {"model.base_model": cfg.model.base_model, "model.llm": cfg.model.llm, "data.path": cfg.data.path}
+    return [f"{flag} ({key})" for flag, key in REQUIRED_INPUTS.items() if not values[key]]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m training.train",
-        description="Train an LLM Diff Adapter. Precedence: defaults < --preset < --config < named flags < --set.",
+        prog="python -m training.train", description=HELP_DESCRIPTION, epilog=help_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", type=Path, help="TOML file over the preset")
     parser.add_argument("--preset", help=f"a preset from training/configs/ (default {DEFAULT_PRESET}): {', '.join(list_presets())}")
@@ -322,6 +367,32 @@ def config_from_dict(data: dict[str, Any]) -> TrainConfig:
     cfg = TrainConfig()
     merge_into(cfg, data, "stored config")
     return cfg
+
+
+# Keys holding local file or folder paths: a shared adapter file keeps only their last component.
+PATH_KEYS = ("output_dir", "resume", "model.base_model", "model.base_model_config", "model.llm", "model.init_adapter",
+             "data.path", "data.latent_cache_dir", "data.llm_cache_dir")
+
+
+def shareable_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """`to_dict()` with every local path reduced to its name (an exported adapter must not leak the trainer's
+    folders); any other value that is an absolute path is reduced the same way."""
+    def name_of(value: str) -> str:
+        return Path(value).name if value not in ("", "latest") else value
+
+    def scrub(node: dict[str, Any], prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, value in node.items():
+            full = f"{prefix}{key}"
+            if isinstance(value, dict):
+                out[key] = scrub(value, f"{full}.")
+            elif isinstance(value, str) and (full in PATH_KEYS or Path(value).is_absolute()):
+                out[key] = name_of(value)
+            else:
+                out[key] = value
+        return out
+
+    return scrub(cfg.to_dict(), "")
 
 
 def format_config(cfg: TrainConfig) -> str:

@@ -8,7 +8,7 @@ Three layouts are read (DESIGN.md section 4):
   extra package.
 
 Images are opened once at scan time (header only) to learn their size for bucketing; any that cannot
-be opened are skipped, counted and named in the log. The epoch order is a pure function of
+be opened, and any caption that is not valid UTF-8, are skipped, counted and named in the log. The epoch order is a pure function of
 (seed, epoch), so a resumed run sees exactly the batches an uninterrupted run would have.
 """
 from __future__ import annotations
@@ -73,6 +73,16 @@ def _probe(data: bytes | str) -> tuple[int, int]:
         return img.size
 
 
+def _decode_caption(raw: bytes, where: str, skipped: list[str]) -> str | None:
+    """UTF-8 text, or None after naming `where` in `skipped`: a broken caption skips its sample, as a broken image does."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        skipped.append(f"{where}: caption is not valid UTF-8 (byte {err.start}: {raw[err.start:err.start + 4]!r}); "
+                       "re-save it as UTF-8")
+        return None
+
+
 def _folder_candidates(root: Path, skipped: list[str]) -> list[tuple[str, str, str, str]]:
     out = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
@@ -80,14 +90,17 @@ def _folder_candidates(root: Path, skipped: list[str]) -> list[tuple[str, str, s
         if not caption_file.is_file():
             skipped.append(f"{path.relative_to(root)}: no caption file {caption_file.name}")
             continue
-        out.append((str(path.relative_to(root)), caption_file.read_text(encoding="utf-8").strip(), str(path), ""))
+        caption = _decode_caption(caption_file.read_bytes(), str(path.relative_to(root)), skipped)
+        if caption is not None:
+            out.append((str(path.relative_to(root)), caption.strip(), str(path), ""))
     return out
 
 
-def _jsonl_candidates(root: Path, image_column: str, caption_column: str) -> list[tuple[str, str, str, str]]:
+def _jsonl_candidates(root: Path, image_column: str, caption_column: str, skipped: list[str]) -> list[tuple[str, str, str, str]]:
     out = []
-    for number, line in enumerate((root / "metadata.jsonl").read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
+    for number, raw in enumerate((root / "metadata.jsonl").read_bytes().splitlines(), 1):
+        line = _decode_caption(raw, f"metadata.jsonl line {number}", skipped)
+        if line is None or not line.strip():
             continue
         try:
             row = json.loads(line)
@@ -122,8 +135,9 @@ def _tar_candidates(shards: list[Path], skipped: list[str]) -> list[tuple[str, s
                 if caption is None:
                     skipped.append(f"{shard.name}:{name}: no {stem}.txt in the shard")
                     continue
-                text = tar.extractfile(caption).read().decode("utf-8").strip()
-                out.append((f"{shard.name}:{stem}", text, str(shard), name))
+                text = _decode_caption(tar.extractfile(caption).read(), f"{shard.name}:{caption.name}", skipped)
+                if text is not None:
+                    out.append((f"{shard.name}:{stem}", text.strip(), str(shard), name))
     return out
 
 
@@ -135,7 +149,7 @@ def scan_dataset(path: str, resolution: int, bucket_step: int, max_aspect: float
     root = Path(path)
     skipped: list[str] = []
     if root.is_dir() and (root / "metadata.jsonl").is_file():
-        layout, candidates = "metadata.jsonl", _jsonl_candidates(root, image_column, caption_column)
+        layout, candidates = "metadata.jsonl", _jsonl_candidates(root, image_column, caption_column, skipped)
     elif _shard_paths(path):
         layout, candidates = "tar shards", _tar_candidates(_shard_paths(path), skipped)
     elif root.is_dir():

@@ -54,12 +54,15 @@ from adapter import (
     save_adapter,
 )
 from training import checkpoint as ckpt
-from training.config import TrainConfig, TrainConfigError, format_config, resolve_config
+from training.config import (DEFAULT_PRESET, TrainConfig, TrainConfigError, format_config, missing_inputs, resolve_config,
+                             shareable_dict)
 from training.data import Dataset, DatasetError, epoch_batches, load_pixels, scan_dataset
+from training.distributed import end_run
 from training.latent_cache import LatentCache, fill, vae_fingerprint
 from training.lora import add_unet_lora, export_comfy_lora, lora_disabled
 from training.losses import DiffusionLoss
 from training.models import BaseModel, BaseModelError, load_base_model
+from training.output_lock import OutputDirLocked, OutputLock
 from training.sampling import ddim_sample
 from training.state_cache import StateCache, distinct_captions
 
@@ -304,6 +307,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     except TrainConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    missing = missing_inputs(cfg)
+    if missing and not args.print_config:  # before printing anything: a bare command gets one short answer
+        print(f"error: missing required input(s): {', '.join(missing)}. Pass them as flags or in a --config TOML "
+              "file; `python -m training.train --help` lists every option, the presets and example commands.",
+              file=sys.stderr)
+        return 2
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
@@ -312,15 +321,24 @@ def main(argv: Optional[list[str]] = None) -> int:
         print("resolved config:\n" + format_config(cfg), flush=True)
     if args.print_config:
         return 0
+    lock = None
     try:
-        return train(cfg, rank, world, local_rank)
-    except (AdapterError, BaseModelError, DatasetError, TrainConfigError, ckpt.CheckpointError, TrainingStopped) as err:
+        if rank == 0:  # one run per output folder; the other ranks of this run share it
+            lock = OutputLock.acquire(cfg.output_dir)
+        return train(cfg, rank, world, local_rank, started_from={
+            "preset": args.preset or DEFAULT_PRESET, "config_file": args.config.name if args.config else ""})
+    except (AdapterError, BaseModelError, DatasetError, TrainConfigError, ckpt.CheckpointError, TrainingStopped,
+            OutputDirLocked) as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr, flush=True)
         return 1
+    finally:
+        if lock is not None:
+            lock.release()
 
 
-def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
+def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from: Optional[dict] = None) -> int:
+    """The run; `started_from` ({'preset', 'config_file'}) is recorded in the exported file."""
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     weight_dtype = DTYPES[cfg.mixed_precision] if device.type == "cuda" else torch.float32
     out_dir = Path(cfg.output_dir)
@@ -503,8 +521,7 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
         if step == cfg.debug.stop_after_step:
             log.warning("debug.stop_after_step=%d reached: exiting as if preempted", step)
             bar.close()
-            accelerator.wait_for_everyone()
-            accelerator.end_training()
+            end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)
             return 3
     bar.close()
     if not step_times and is_main:
@@ -515,13 +532,12 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
     if is_main:
         if cfg.validation.prompts and not (cfg.validation.every and step % cfg.validation.every == 0):
             run_validation(cfg, base, raw.adapter, llm, dataset, device, writer, step)  # the final images
-        export(cfg, raw, ema, base, dataset, step, out_dir)
+        export(cfg, raw, ema, base, dataset, step, out_dir, started_from)
         write_timings(timer, step_times, step_cpu_times, time.perf_counter() - run_start, out_dir)
         writer.close()
         if dataset.skipped:
             print(f"skipped {len(dataset.skipped)} sample(s): " + "; ".join(dataset.skipped[:20]), flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()  # a clean distributed teardown (torchrun aborts at exit without it)
+    end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)  # torchrun aborts at exit without it
     return 0
 
 
@@ -540,8 +556,10 @@ def run_validation(cfg, base, adapter, llm, dataset, device, writer, step) -> No
             writer.add_image(f"validation/{i:02d}", np.asarray(image), step, dataformats="HWC")
 
 
-def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, dataset: Dataset, step: int, out_dir: Path) -> None:
-    """<output_dir>/adapter.safetensors (EMA weights when EMA is on) with the run's provenance in its metadata."""
+def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, dataset: Dataset, step: int, out_dir: Path,
+           started_from: Optional[dict] = None) -> None:
+    """<output_dir>/adapter.safetensors (EMA weights when EMA is on) with the run's provenance in its metadata:
+    names, never the trainer machine's paths, since the file is meant to be shared."""
     import copy
 
     adapter = copy.deepcopy(raw.adapter).eval()
@@ -565,7 +583,9 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
         "ema_decay": cfg.ema_decay,
         "unet_lora": lora_file,
         "init_adapter": Path(cfg.model.init_adapter).name if cfg.model.init_adapter else "",
-        "resolved_config": cfg.to_dict(),
+        "preset": (started_from or {}).get("preset", DEFAULT_PRESET),
+        "config_file": (started_from or {}).get("config_file", ""),
+        "resolved_config": shareable_dict(cfg),
     }
     config = dataclasses.replace(adapter.config, training=training)
     path = save_adapter(out_dir / "adapter.safetensors", adapter, config)

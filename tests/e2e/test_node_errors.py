@@ -5,6 +5,7 @@ and the next, valid prompt must succeed. Graphs start from the shipped sd15_adap
 """
 from __future__ import annotations
 
+import os
 import re
 
 import numpy as np
@@ -35,8 +36,8 @@ def positive_encode(api) -> str:
 
 
 def tokens_used(info: str) -> tuple[int, int]:
-    """(prompt tokens used, budget) from the info line "prompt: N of B tokens used (...)"."""
-    match = re.search(r"^prompt: (\d+) of (\d+) tokens used", info, re.MULTILINE)
+    """(prompt tokens used, budget) from the info item "- prompt: N of B tokens used (...)" (a Markdown list)."""
+    match = re.search(r"^- prompt: (\d+) of (\d+) tokens used", info, re.MULTILINE)
     assert match, f"no token count in the info output:\n{info}"
     return int(match[1]), int(match[2])
 
@@ -73,14 +74,25 @@ def test_batch_of_two(comfy_sd15, api):
     assert not np.array_equal(images[0], images[1]), "both images of the batch are the same: the batch was not sampled"
 
 
-def assert_node_error(server, api, node_type: str, *phrases: str) -> None:
-    """The run fails in `node_type` with a message holding every phrase; then a valid prompt still runs."""
+def validation_errors(result, node_type: str) -> str:
+    """The details of every validation error ComfyUI reported for nodes of `node_type`, one per line."""
+    nodes = result.error.get("node_errors") or {}
+    return "\n".join(e.get("details", "") for n in nodes.values() if n.get("class_type") == node_type for e in n["errors"])
+
+
+def assert_node_error(server, api, node_type: str, *phrases: str, stage: str = "execution") -> None:
+    """The prompt fails in `node_type` at `stage` ("execution", or "validation": refused before anything
+    ran) with a message holding every phrase; then a valid prompt still runs."""
     result = server.run(api, timeout=600)
     assert not result.ok
-    assert result.error["kind"] == "execution", result.error_text
-    assert result.error["node_type"] == node_type, result.error_text
+    assert result.error["kind"] == stage, result.error_text
+    if stage == "validation":
+        message = validation_errors(result, node_type)
+    else:
+        assert result.error["node_type"] == node_type, result.error_text
+        message = result.error["exception_message"]
     for phrase in phrases:
-        assert phrase in result.error["exception_message"], result.error_text
+        assert phrase in message, result.error_text
     # A prompt never run before, so the sampler really runs again rather than coming from ComfyUI's cache.
     healthy = set_prompt(load_api(server, "sd15_adapter"), f"a lighthouse at night, after {node_type} failed ({phrases[0]})")
     after = server.run(healthy, timeout=600)
@@ -149,11 +161,66 @@ def test_path_outside_the_model_folder_is_refused(comfy_sd15, api, node_type, fi
     """ComfyUI 0.3.75 checks a V3 combo's value against its list only for old-style (list) combos, so
     a name posted through the API reaches our resolver: it must refuse to leave the model folder."""
     set_input(api, node_type, **{field: name})
-    assert_node_error(comfy_sd15, api, node_type, repr(name), "points outside models/", "as listed in the node's dropdown")
+    assert_node_error(comfy_sd15, api, node_type, repr(name), "points outside models/", "as listed in the node's dropdown",
+                      stage="validation")
 
 
 def test_a_shared_workflow_naming_a_model_this_machine_lacks(comfy_sd15, api):
     """What someone gets from a workflow made elsewhere: the name passes validation (see above) and
     the loader says which name it looked for, where, and what to do."""
     set_input(api, "LLMDiffLoadLLM", llm_name="Qwen2.5-1.5B-Instruct")
-    assert_node_error(comfy_sd15, api, "LLMDiffLoadLLM", "'Qwen2.5-1.5B-Instruct' was not found", "models/LLM", "Copy it there")
+    assert_node_error(comfy_sd15, api, "LLMDiffLoadLLM", "'Qwen2.5-1.5B-Instruct' was not found", "models/LLM", "Copy it there",
+                      stage="validation")
+
+
+@pytest.mark.parametrize("field", ["llm_strength", "clip_strength"])
+def test_nan_strength_through_the_api_is_refused(comfy_sd15, api, field):
+    """A NaN passes ComfyUI's min/max check (the JSON body says NaN); it used to give a black image reported as success."""
+    api[positive_encode(api)]["inputs"][field] = float("nan")
+    assert_node_error(comfy_sd15, api, "LLMDiffTextEncode", f"{field} is nan", "not a finite number")
+
+
+def test_lone_surrogate_through_the_api_is_replaced_and_reported(comfy_sd15, api):
+    """What a browser's JSON.stringify sends for half an emoji: the tokenizer cannot encode it."""
+    api[positive_encode(api)]["inputs"]["text"] = "a red cube \ud83d on a table"
+    result = comfy_sd15.run(api, timeout=600)
+    pixels(result)
+    assert "replaced with U+FFFD" in info_text(result, api)
+
+
+def test_a_replaced_adapter_file_is_picked_up_without_a_restart(comfy_sd15, api, tmp_path):
+    """Overwrite models/llm_adapters/<name> with a newly trained file: the next prompt must use the new weights."""
+    import torch
+
+    from adapter import load_adapter, save_adapter
+
+    source = (comfy_sd15.models_dir / "llm_adapters" / "tiny-qwen2-sd15.safetensors").resolve()
+    replaceable = tmp_path / "replaceable.safetensors"
+    replaceable.write_bytes(source.read_bytes())
+    comfy_sd15.link_model("llm_adapters", replaceable, "replaceable.safetensors")
+    set_input(api, "LLMDiffLoadAdapter", adapter_name="replaceable.safetensors")
+    first = pixels(comfy_sd15.run(api, timeout=600))
+
+    retrained = load_adapter(replaceable)
+    with torch.no_grad():
+        for p in retrained.context_head.parameters():
+            p.mul_(-3.0)
+    save_adapter(tmp_path / "export.safetensors", retrained)
+    os.replace(tmp_path / "export.safetensors", replaceable)  # as the trainer's export lands: a new file, same name
+    result = comfy_sd15.run(api, timeout=600)
+    second = pixels(result)
+    assert [n for n in nodes_of(api, "LLMDiffLoadAdapter") if n in result.cached_nodes] == []
+    assert not np.array_equal(first, second), "the image did not change: the old adapter weights were used"
+
+
+def test_every_missing_model_file_is_reported_before_anything_runs(comfy_sd15, api):
+    """A template run as shipped names files this machine lacks: ComfyUI's input validation (our loaders'
+    validate_inputs) refuses the prompt with all of them at once, each with the folder it belongs in."""
+    set_input(api, "LLMDiffLoadLLM", llm_name="Qwen2.5-1.5B-Instruct")
+    set_input(api, "LLMDiffLoadAdapter", adapter_name="qwen2.5-1.5b-sd15.safetensors")
+    result = comfy_sd15.run(api, timeout=600)
+    assert not result.ok and result.error["kind"] == "validation", result.error_text
+    llm, adapter = validation_errors(result, "LLMDiffLoadLLM"), validation_errors(result, "LLMDiffLoadAdapter")
+    assert "'Qwen2.5-1.5B-Instruct' was not found" in llm and "models/LLM" in llm, result.error_text
+    assert "'qwen2.5-1.5b-sd15.safetensors' was not found" in adapter and "models/llm_adapters" in adapter, result.error_text
+    assert not result.history, "the prompt ran although its model files are missing"

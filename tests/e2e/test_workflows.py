@@ -2,7 +2,9 @@
 
 The shipped file is what is tested: each JSON in workflows/ is converted with ui_to_api against the
 server's /object_info; the test only swaps in the fixture's model names and shrinks the run
-(64x64, or 128x64 where an area condition needs room; 2 steps) by editing the API graph. Checks that
+(64x64, or 128x64 where an area condition needs room; 2 steps) by editing the API graph. The Load Checkpoint
+workflows get a single-file SD1.5 checkpoint that ComfyUI's CheckpointSave writes from the random weights
+(once per machine); there is no SDXL one (see checkpoint_name). Checks that
 can fail for the right reason:
 - an image comes out of every workflow, and it is not flat (NaN conditioning decodes to one colour);
 - with the same seed, a different prompt gives a different image (the conditioning reaches the UNet),
@@ -66,6 +68,8 @@ def load_api(server: ComfyServer, workflow: str) -> dict:
     has_area = bool(nodes_of(api, "ConditioningSetArea"))
     names = fixture_names(family, timestep_aware=bool(nodes_of(api, "LLMDiffApplyAdapter")))
     names.update(PUBLIC_ADAPTER_NAMES.get(workflow, {}))
+    if nodes_of(api, "CheckpointLoaderSimple"):
+        names["CheckpointLoaderSimple"] = {"ckpt_name": checkpoint_name(server, family)}
     for node in api.values():
         inputs = node["inputs"]
         inputs.update(names.get(node["class_type"], {}))
@@ -77,6 +81,38 @@ def load_api(server: ComfyServer, workflow: str) -> dict:
         elif node["class_type"] in ("KSampler", "KSamplerAdvanced"):
             inputs.update(steps=2)
     return api
+
+
+def checkpoint_name(server: ComfyServer, family: str) -> str:
+    """A single-file checkpoint of the fixture's random SD1.5 UNet, CLIP-L and VAE, written by ComfyUI's own
+    CheckpointSave once per machine (cached) and linked into the server's models/checkpoints."""
+    import os
+    import shutil
+
+    from support.cache import cache_dir
+
+    name = f"{family}_checkpoint_random.safetensors"
+    if family != "sd15":
+        pytest.skip(f"no {family} single-file checkpoint fixture: the e2e {family} server has no CLIP to save beside "
+                    "its UNet (the graph is the UNet workflow with Load Checkpoint in place of two loaders)")
+    cached = cache_dir() / "checkpoints" / name
+    if not cached.is_file():
+        prefix = f"checkpoints/llmdiff_fixture_{os.getpid()}"
+        result = server.run({
+            "1": {"class_type": "UNETLoader", "inputs": {"unet_name": "sd15_unet_random.safetensors", "weight_dtype": "default"}},
+            "2": {"class_type": "CLIPLoader", "inputs": {"clip_name": "clip_l_random.safetensors", "type": "stable_diffusion"}},
+            "3": {"class_type": "VAELoader", "inputs": {"vae_name": "sd_vae_random.safetensors"}},
+            "4": {"class_type": "CheckpointSave", "inputs": {"model": ["1", 0], "clip": ["2", 0], "vae": ["3", 0], "filename_prefix": prefix}},
+        }, timeout=900)
+        assert result.ok, result.error_text
+        [written] = server.output_dir.glob(f"{prefix}_*.safetensors")
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp-{os.getpid()}")
+        shutil.move(written, tmp)
+        os.replace(tmp, cached)
+    if name not in server.models("checkpoints"):
+        server.link_model("checkpoints", cached, name)
+    return name
 
 
 def nodes_of(api: dict, class_type: str) -> list[str]:
@@ -108,7 +144,8 @@ def server(request):
 
 def test_all_workflows_are_shipped():
     assert set(WORKFLOWS) >= {"sd15_adapter", "sd15_adapter_clip_concat", "sdxl_adapter", "sd2_adapter", "sd15_adapter_controlnet_area",
-                             "sd15_adapter_timestep_aware", "sd15_ella", "sdxl_rouwei_gemma"}
+                             "sd15_adapter_timestep_aware", "sd15_adapter_checkpoint", "sdxl_adapter_checkpoint", "sd15_ella",
+                             "sdxl_rouwei_gemma"}
 
 
 @pytest.mark.parametrize("workflow", WORKFLOWS)

@@ -1,5 +1,6 @@
 """Two trainer processes on a CPU through torchrun (gloo): sharded latent caching, one set of
-checkpoints, one export, and a clean distributed teardown (DESIGN.md section 9)."""
+checkpoints, one export, and a clean distributed teardown (training/distributed.py). On a timeout,
+run_train kills torchrun and every rank (each runs in a session of its own), so none outlives the test."""
 import pytest
 
 from adapter import load_adapter

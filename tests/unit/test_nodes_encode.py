@@ -243,3 +243,15 @@ def test_timestep_aware_adapter_uses_the_fallback_timestep_and_says_so(env, qwen
         enc = pack_module("adapter").encode_prompts(qwen.loaded, adapter.config.template, ["a red circle"])
         expected = adapter.module(enc.hidden_states.float(), enc.attention_mask, timesteps=fallback).context
     torch.testing.assert_close(conditioning[0][0], expected)
+
+
+def test_info_is_a_markdown_list(env, qwen, encode):
+    """Preview Any renders Markdown: plain lines would run together into one paragraph there."""
+    pack, nodes = env
+    adapter = nodes["LLMDiffLoadAdapter"].execute("qwen-sd15-timestep.safetensors").args[0]
+    _, info = encode(qwen, adapter, "a red circle")
+    lines = info.splitlines()
+    assert len(lines) >= 4 and all(line.startswith("- ") for line in lines), info
+    assert lines[0].startswith("- LLM: ") and any(line.startswith("- prompt: ") for line in lines)
+    # The shipped timestep-aware workflow already wires the Apply node: the note must not ask to add it.
+    assert "with the MODEL passed through 'Apply LLM Diff Adapter (timestep-aware)', as in the shipped" in info, info

@@ -83,3 +83,25 @@ def test_resolver_follows_symlinks_inside_a_root(paths, tmp_path):
     (tmp_path / "models" / "LLM").mkdir(parents=True)
     os.symlink(store, tmp_path / "models" / "LLM" / "linked")
     assert paths.resolve_in_folder("LLM", "linked", want_dir=True).endswith("linked")
+
+
+def test_loaders_validate_their_file_before_anything_runs(paths, tmp_path):
+    """validate_inputs: ComfyUI calls it for every node before executing, so all missing files of a graph
+    are reported together; each message names the name, the folders searched and what to do."""
+    import sys
+
+    nodes = sys.modules[paths.__name__.rsplit(".", 1)[0]]
+    load_llm, load_adapter = nodes.load_llm.LLMDiffLoadLLM, nodes.load_adapter.LLMDiffLoadAdapter
+    make_llm(tmp_path / "models" / "LLM", "present")
+    (tmp_path / "models" / "llm_adapters").mkdir(parents=True)
+    (tmp_path / "models" / "llm_adapters" / "present.safetensors").write_bytes(b"")
+
+    assert load_llm.validate_inputs(llm_name="present") is True
+    assert load_adapter.validate_inputs(adapter_name="present.safetensors") is True
+    assert load_llm.validate_inputs() is True and load_adapter.validate_inputs() is True  # fed by a link
+    missing_llm = load_llm.validate_inputs(llm_name="Qwen2.5-1.5B-Instruct")
+    assert "'Qwen2.5-1.5B-Instruct' was not found" in missing_llm and str(tmp_path / "models" / "LLM") in missing_llm
+    assert "Copy it there" in missing_llm
+    missing_adapter = load_adapter.validate_inputs(adapter_name="other.safetensors")
+    assert "'other.safetensors' was not found" in missing_adapter and str(tmp_path / "models" / "llm_adapters") in missing_adapter
+    assert "points outside models/" in load_adapter.validate_inputs(adapter_name="/etc/passwd")
