@@ -1,7 +1,7 @@
 """Command line for adapter files: create a fresh one, or inspect / upgrade an existing one.
 
     python -m adapter init --llm models/LLM/Qwen2.5-0.5B-Instruct --target sdxl --out models/llm_adapters/new.safetensors
-    python -m adapter inspect models/llm_adapters/new.safetensors
+    python -m adapter inspect models/llm_adapters/new.safetensors   # also describes RouWei-Gemma / ELLA files
     python -m adapter upgrade models/llm_adapters/old.safetensors
 
 Errors the user can fix print ONE line, "error: ...", without a traceback (exit codes below).
@@ -217,6 +217,17 @@ def cmd_inspect(args) -> int:
     from .file_format import load_adapter, read_header
 
     header = read_header(args.file)  # first: refuses pickles and broken files before anything else reads
+    if not (header.get("__metadata__") or {}).get("format"):  # no format of ours: maybe a published adapter
+        from .errors import AdapterFileError
+        from .foreign import describe_adapter, load_foreign_adapter
+
+        try:
+            module = load_foreign_adapter(args.file, dtype=_file_dtype(header))  # names, shapes and data
+        except AdapterFileError:
+            module = None  # not one either: load_adapter below says what the file is not
+        if module is not None:
+            print(f"{args.file}: published adapter\n{describe_adapter(module)}\nOK")
+            return EXIT_OK
     adapter = load_adapter(args.file, dtype=_file_dtype(header))  # full validation: config, names, shapes, data
     print(describe(args.file, adapter, (header.get("__metadata__") or {}).get("format_version", "?")))
     return EXIT_OK

@@ -229,6 +229,9 @@ def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remot
              quantization: str = "none") -> LoadedLLM:
     """Load a decoder-only LLM folder offline, without its LM head; raises LLMLoadError naming the problem.
 
+    A T5 / UMT5 / T5Gemma folder loads as a text encoder instead (adapter.foreign.text.LoadedEncoder: its
+    encoder half, for the public adapters that read it); our own adapters refuse it with a clear message.
+
     quantization "8bit" / "4bit": bitsandbytes on a CUDA device (adapter/quantization.py); the model is
     then loaded straight onto `device` (bitsandbytes quantises while loading) and `dtype` is the dtype
     of the other weights and the 4-bit compute dtype.
@@ -249,6 +252,14 @@ def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remot
                            "transformers (or trust_remote_code for custom code)") from None
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(config, "is_encoder_decoder", False):
+        from .foreign.text import ENCODER_MODEL_TYPES, load_text_encoder
+
+        if config.model_type in ENCODER_MODEL_TYPES:
+            # T5 / T5Gemma: the text encoders of the public adapters (ELLA, RouWei-T5Gemma); encoder half only.
+            if quantization != "none":
+                raise LLMLoadError(f"{path.name} is a {config.model_type} text encoder: 8/4-bit loading is for decoder "
+                                   "LLMs; load it with quantization none (dtype bf16/fp16 halves its memory)")
+            return load_text_encoder(path, dtype=dtype, device=device)
         raise LLMLoadError(f"{path.name} is an encoder-decoder model ({config.model_type}); the adapter needs a "
                            "decoder-only LLM (Qwen2/2.5/3, Llama 2/3, Gemma 2/3)")
     if config.model_type not in TESTED_MODEL_TYPES:

@@ -84,6 +84,26 @@ class EncodedStates(NamedTuple):
         return EncodedStates(torch.cat([p.queries for p in parts]), cross_kv, pooled)
 
 
+def check_timesteps(timesteps: Optional[TimestepsLike], batch: int, device: torch.device) -> torch.Tensor:
+    """`timesteps` (None = FALLBACK_TIMESTEP, a number, or a tensor [B] / [1] / []) as a validated tensor [B]."""
+    if timesteps is None:
+        timesteps = FALLBACK_TIMESTEP
+    t = torch.as_tensor(timesteps, device=device)
+    if t.dtype == torch.bool or t.is_complex():
+        raise TypeError(f"timesteps must be real numbers (diffusion timesteps in [0, 1000]), got {t.dtype}")
+    if t.dim() == 0 or tuple(t.shape) == (1,):
+        t = t.reshape(1).expand(batch)
+    elif tuple(t.shape) != (batch,):
+        raise ValueError(f"timesteps must be one number or a [batch] = [{batch}] tensor, got shape {tuple(t.shape)}")
+    tf = t.float()
+    if bool((~torch.isfinite(tf) | (tf < 0) | (tf > NUM_TRAIN_TIMESTEPS)).any()):  # one device sync, not three
+        raise ValueError(
+            f"timesteps must lie in [0, {NUM_TRAIN_TIMESTEPS}] (diffusers' scale, not sigmas and not 0..1 fractions), "
+            f"got {t.tolist()}"
+        )
+    return t
+
+
 def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Scale each token vector to RMS 1 (no mean subtraction, no learned gain), in fp32."""
     x = x.float()
@@ -351,22 +371,7 @@ class LLMDiffAdapter(nn.Module):
 
     def _timestep_features(self, timesteps: Optional[TimestepsLike], batch: int, device: torch.device) -> torch.Tensor:
         """Validate `timesteps` (None, a number, or a tensor [B] / [1] / []) -> sinusoidal features [B, F]."""
-        if timesteps is None:
-            timesteps = FALLBACK_TIMESTEP
-        t = torch.as_tensor(timesteps, device=device)
-        if t.dtype == torch.bool or t.is_complex():
-            raise TypeError(f"timesteps must be real numbers (diffusion timesteps in [0, 1000]), got {t.dtype}")
-        if t.dim() == 0 or tuple(t.shape) == (1,):
-            t = t.reshape(1).expand(batch)
-        elif tuple(t.shape) != (batch,):
-            raise ValueError(f"timesteps must be one number or a [batch] = [{batch}] tensor, got shape {tuple(t.shape)}")
-        tf = t.float()
-        if bool((~torch.isfinite(tf) | (tf < 0) | (tf > NUM_TRAIN_TIMESTEPS)).any()):  # one device sync, not three
-            raise ValueError(
-                f"timesteps must lie in [0, {NUM_TRAIN_TIMESTEPS}] (diffusers' scale, not sigmas and not 0..1 fractions), "
-                f"got {t.tolist()}"
-            )
-        return timestep_embedding(t)
+        return timestep_embedding(check_timesteps(timesteps, batch, device))
 
     def _check_inputs(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Validate shapes against the config; returns the mask as bool."""

@@ -214,6 +214,9 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         module.__path__ = []
 
 
+# transformers 5 finds this module, reads its version (there is no distribution metadata) and parses it:
+# without a parsable one, importing its image-processing code (which Gemma 3 models pull in) fails.
+__version__ = "0.0.0"
 sys.meta_path.insert(0, _Finder())
 sys.modules[__name__].__class__ = _Module
 '''
@@ -225,7 +228,10 @@ def _server_pythonpath() -> list[str]:
 
     if importlib.util.find_spec("torchvision") is not None:
         return []
-    shim = comfyui_dir() / "_harness_shims"
+    import hashlib
+
+    # One folder per placeholder version: worktrees with another version never rewrite each other's.
+    shim = comfyui_dir() / f"_harness_shims-{hashlib.sha256(_TORCHVISION_STUB.encode()).hexdigest()[:8]}"
     init = shim / "torchvision" / "__init__.py"
     if not init.is_file() or init.read_text() != _TORCHVISION_STUB:
         init.parent.mkdir(parents=True, exist_ok=True)

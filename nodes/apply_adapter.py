@@ -39,7 +39,7 @@ class LLMDiffApplyAdapter(io.ComfyNode):
 
         # Before any sampling: an adapter for another model family fails here, naming both widths.
         check_context_dim(adapter.config, context_width(model), None, "the MODEL connected to Apply LLM Diff Adapter")
-        if not adapter.config.arch.timestep_aware:
+        if not adapter.module.timestep_aware:
             log.info("Apply LLM Diff Adapter: %s is a static adapter; its conditioning is already exact at every "
                      "timestep and passes through unchanged", adapter.name)
         return io.NodeOutput(patch_model(model, adapter))

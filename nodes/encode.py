@@ -61,3 +61,40 @@ def encode_with_clip(clip, text: str) -> tuple[torch.Tensor, Optional[torch.Tens
     """CLIP's (context [1, 77k, C], pooled) for `text`, A1111 weights and embeddings honoured as in CLIPTextEncode."""
     out = clip.encode_from_tokens(clip.tokenize(text), return_pooled=True, return_dict=True)
     return out["cond"], out.get("pooled_output")
+
+
+class ForeignPromptInfo(NamedTuple):
+    """What `info` reports for a published adapter's prompt (adapter.foreign.text.TextStates per prompt)."""
+
+    tokens: int  # states the adapter reads
+    dropped: int  # tokens cut over the text side's max_length
+    prefix_tokens: int  # Gemma chat: template + system tokens before the prompt (0 for encoders)
+
+
+def encode_with_foreign(llm: LLMHandle, adapter: AdapterHandle, text: str, side) -> AdapterEncoding:
+    """A published adapter's conditioning (RouWei, ELLA) for one prompt: its text side, then the same
+    encode_states / decode split as ours; `side` is the adapter's TextSide with the node's settings."""
+    key = (llm.identity, adapter.identity, text, side)
+    hit = ENCODE_CACHE.get(key)
+    if hit is not None:
+        return hit._replace(from_cache=True)
+
+    from ..adapter.foreign.text import encode_text
+
+    mm.throw_exception_if_processing_interrupted()
+    shape = llm_shape(llm)
+    budget = side.max_length + side.skip_first + 64  # an upper bound on the tokens the text model sees
+    with torch.no_grad():
+        with llm_on_device(llm, memory_required=encode_working_memory(shape, budget)):
+            states = encode_text(llm.loaded, side, [text])
+        mm.throw_exception_if_processing_interrupted()
+        load_adapter_for_run(adapter, memory_required=adapter_working_memory(shape, budget))
+        device = adapter.patcher.load_device
+        mask = states.mask.to(device)
+        encoded = adapter.module.encode_states(states.states.to(device=device, dtype=torch.float32), mask)
+        out = adapter.module.decode(encoded, mask)  # a timestep-aware one: at adapter.model.FALLBACK_TIMESTEP
+    as_fp32 = lambda t: None if t is None else t.to(dtype=torch.float32)  # noqa: E731
+    step = (encoded, mask) if adapter.module.timestep_aware else (None, None)
+    info = ForeignPromptInfo(states.tokens[0], states.dropped[0], states.prefix_tokens)
+    return ENCODE_CACHE.put(key, AdapterEncoding(as_fp32(out.context), as_fp32(out.pooled), info, from_cache=False,
+                                                 states=step[0], mask=step[1]))

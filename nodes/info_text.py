@@ -22,4 +22,25 @@ def describe_encoding(*, llm_name: str, llm_info, adapter_name: str, config, pro
     return "\n".join(f"{ITEM}{line}" for line in lines)
 
 
+def describe_foreign(*, llm_name: str, llm_info, adapter_name: str, config, side, prompt_info, notes: list[str]) -> str:
+    """The `info` of a published adapter (adapter.foreign.ForeignConfig) and its text side."""
+    target = config.target
+    lines = [
+        f"LLM: {llm_name} ({llm_info.model_type}, {llm_info.num_layers} layers, hidden {llm_info.hidden_size})",
+        f"adapter: {adapter_name} = {config.preset} ({config.kind}, layout {config.layout}) -> {target.family}, "
+        f"{target.num_tokens} tokens x {target.context_dim}" + (f", pooled {target.pooled_dim}" if target.pooled_dim else ""),
+        f"text side: {side.describe()}",
+        f"prompt: {prompt_info.tokens} of {side.max_length} tokens used",
+    ]
+    if prompt_info.dropped:
+        lines.append(f"truncated: {prompt_info.dropped} tokens over {side.max_length} were dropped")
+    if side.encoder in ("gemma_chat", "any") and prompt_info.prefix_tokens and prompt_info.prefix_tokens != side.skip_first:
+        lines.append(f"warning: with this tokenizer and system prompt the template puts {prompt_info.prefix_tokens} tokens "
+                     f"before the prompt, but skip_first is {side.skip_first}: "
+                     + ("template tokens reach the adapter" if prompt_info.prefix_tokens > side.skip_first
+                        else "the start of the prompt is cut"))
+    lines.extend(f"note: {n}" for n in notes)
+    return "\n".join(f"{ITEM}{line}" for line in lines)
+
+
 ITEM = "- "  # a Markdown list item; strip it to read a line's plain text

@@ -20,7 +20,8 @@ class LLMDiffLoadAdapter(io.ComfyNode):
             category="conditioning/llm_diff_adapter",
             description=(
                 "Loads an LLM Diff Adapter (.safetensors from models/llm_adapters). The file records the LLM "
-                "it was trained with, its prompt template and its target (SD1.5, SD2 or SDXL)."
+                "it was trained with, its prompt template and its target (SD1.5, SD2 or SDXL). Published RouWei-Gemma "
+                "(SDXL) and ELLA (SD1.5) files load too, recognised by their tensor layout."
             ),
             inputs=[
                 io.Combo.Input(
@@ -31,7 +32,8 @@ class LLMDiffLoadAdapter(io.ComfyNode):
                 ),
             ],
             outputs=[
-                AdapterType.Output(display_name="adapter", tooltip="The adapter, for LLM Diff Text Encode.")
+                AdapterType.Output(display_name="adapter", tooltip="The adapter, for LLM Diff Text Encode."),
+                io.String.Output(display_name="info", tooltip="What the file is: its kind, preset, target and sizes."),
             ],
         )
 
@@ -63,7 +65,7 @@ class LLMDiffLoadAdapter(io.ComfyNode):
         import comfy.model_management as mm
         import comfy.utils
 
-        from ..adapter import load_adapter
+        from ..adapter.foreign import describe_adapter, load_any_adapter
         from .handles import AdapterHandle, file_identity, make_patcher
 
         path = resolve_in_folder(ADAPTER_FOLDER, adapter_name, want_dir=False)
@@ -71,7 +73,10 @@ class LLMDiffLoadAdapter(io.ComfyNode):
         log.info("Loading LLM Diff Adapter %s", path)
         # fp32 always: the adapter is small (tens of millions of weights) and its output feeds
         # every UNet step, so rounding here would cost more than the memory it saves.
-        module = load_adapter(path, device=mm.text_encoder_offload_device(), dtype=torch.float32)
+        module = load_any_adapter(path, device=mm.text_encoder_offload_device(), dtype=torch.float32)
         module.eval()
         progress.update(1)
-        return io.NodeOutput(AdapterHandle(module=module, patcher=make_patcher(module), name=adapter_name, identity=file_identity(path)))
+        info = describe_adapter(module)
+        log.info("LLM Diff Adapter %s: %s", adapter_name, info)
+        handle = AdapterHandle(module=module, patcher=make_patcher(module), name=adapter_name, identity=file_identity(path))
+        return io.NodeOutput(handle, info)

@@ -63,10 +63,15 @@ def attach_step_states(conditioning: list, encoding, adapter, llm, llm_strength:
     """Add the entry's StepStates to `conditioning` (one entry, as build_conditioning made it)."""
     from ..adapter import tokenize_prompts
 
-    template = adapter.config.template
-    # The template's own tokens: the empty prompt is the template with an empty user span.
-    template_tokens = tokenize_prompts(llm.loaded.tokenizer, template, [""]).infos[0].num_tokens
-    length = state_length(template_tokens, template.max_tokens)
+    from ..adapter.foreign import is_foreign
+
+    if is_foreign(adapter.config):  # ELLA: T5 states, no template around them; the budget is the text side's length
+        length = adapter.config.text.max_length
+    else:
+        template = adapter.config.template
+        # The template's own tokens: the empty prompt is the template with an empty user span.
+        template_tokens = tokenize_prompts(llm.loaded.tokenizer, template, [""]).infos[0].num_tokens
+        length = state_length(template_tokens, template.max_tokens)
     context, extras = conditioning[0]
     states = StepStates.build(
         encoding.states, encoding.mask, length, strength=float(llm_strength), context=context,

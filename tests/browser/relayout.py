@@ -150,6 +150,8 @@ TITLES = {
     "sd2_adapter": "SD2 (768-v) + LLM Diff Adapter",
     "sdxl_adapter": "SDXL + LLM Diff Adapter (UNet, VAE files)",
     "sdxl_adapter_checkpoint": "SDXL + LLM Diff Adapter (checkpoint)",
+    "sd15_ella": "SD1.5 + ELLA (published adapter, T5 encoder)",
+    "sdxl_rouwei_gemma": "SDXL + RouWei-Gemma (published adapter)",
 }
 
 

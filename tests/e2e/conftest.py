@@ -15,12 +15,16 @@ Model names, exactly as ComfyUI lists them on every server (the node tests and w
                  clip_g_random.safetensors  SDXL's CLIP-G (sd15 server): with clip_l in DualCLIPLoader(type
                                             "sdxl") it makes an SDXL CLIP without the 16 GB SDXL server
     controlnet/  sd15_controlnet_random.safetensors             (sd15 server)
-    LLM/         tiny-qwen2, tiny-llama, broken-half-copied (tiny-qwen2's config and tokenizer, no weights)
+    LLM/         tiny-qwen2, tiny-llama, broken-half-copied (tiny-qwen2's config and tokenizer, no weights),
+                 tiny-t5 (a T5 encoder-decoder, 64 wide, ComfyUI's T5 tokenizer),
+                 gemma3-1b-width (a Gemma 3 decoder with Gemma-3-1B's widths but 2 blocks)
     llm_adapters/ tiny-qwen2-sd15.safetensors, tiny-qwen2-sd2.safetensors, tiny-qwen2-sdxl.safetensors,
                   tiny-llama-sd15.safetensors (an adapter for a DIFFERENT LLM: the mismatch test),
                   tiny-qwen2-sd15-timestep.safetensors (timestep-aware, modulation weights drawn so t matters),
                   broken-truncated.safetensors (first half of a real adapter file),
-                  broken-pickle.safetensors (a torch.save pickle wearing a .safetensors name)
+                  broken-pickle.safetensors (a torch.save pickle wearing a .safetensors name),
+                  rouwei-gemma-random.safetensors (full-size RouWei-Gemma v0.1 shape, published fused layout),
+                  ella-random.safetensors (ELLA-SD1.5-TSC shape reading tiny-t5's 64-wide states)
 
 The SD1.5 server also loads the test-only node LLMDiffProbe (probe_node.py).
 
@@ -129,6 +133,13 @@ def _our_models(tmp_path_factory):
             (folder / "broken-truncated.safetensors").write_bytes(data[: len(data) // 2])
             adapters["broken-truncated.safetensors"] = folder / "broken-truncated.safetensors"
             adapters["broken-pickle.safetensors"] = _pickle_file(folder / "broken-pickle.safetensors")
+            # The published adapters' shapes (docs/public_adapters.md) and their text models.
+            from devkit.foreign_files import cached_public_adapters
+            from devkit.tiny_encoders import make_gemma3_1b_width, make_tiny_t5
+
+            llms["tiny-t5"] = make_tiny_t5()
+            llms["gemma3-1b-width"] = make_gemma3_1b_width()
+            adapters.update(cached_public_adapters())
         return llms, adapters, ""
     except Exception as exc:  # noqa: BLE001 - reported by every test that needs these models
         log.warning("our models could not be made: %s", exc)

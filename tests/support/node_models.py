@@ -119,3 +119,17 @@ def comfy_clip(env):
     from support.comfy_tiny_llm import tiny_comfy_clip
 
     return tiny_comfy_clip(make_tiny_llm(family="qwen2"), "qwen2")
+
+
+class FakeClip:
+    """Duck-types comfy.sd.CLIP's tokenize / encode_from_tokens with known outputs of a given width."""
+
+    def __init__(self, width: int, pooled_dim: int):
+        self.width, self.pooled_dim, self.texts = width, pooled_dim, []
+
+    def tokenize(self, text):
+        self.texts.append(text)
+        return {"l": [[(1, 1.0)]]}
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        return {"cond": torch.full((1, 77, self.width), 0.5), "pooled_output": torch.full((1, self.pooled_dim), 2.0)}

@@ -6,6 +6,8 @@ mapping in Python, driven by the server's /object_info:
 
 - `widgets_values` are positional: they fill a node's widget inputs in /object_info order (required,
   then optional), where a widget input is a COMBO / INT / FLOAT / STRING / BOOLEAN without `forceInput`.
+  Optional widgets added to a node after the workflow was saved (no value left for them) get their
+  default, as in the frontend.
   The frontend stores one extra value after a widget with a "control after generate" companion (INT
   inputs marked `control_after_generate`, and any INT named seed / noise_seed) and after an upload
   button (`image_upload` and the like): those are skipped.
@@ -87,8 +89,15 @@ def _widget_inputs(node: dict, info: dict) -> dict:
     widgets = [(name, spec) for name, spec in _input_specs(info) if _is_widget(spec)]
     if isinstance(values, dict):  # some nodes save their widgets by name
         return {name: values[name] for name, _ in widgets if name in values}
+    optional = set(info.get("input", {}).get("optional", {}) or {})
     out, pos = {}, 0
     for name, spec in widgets:
+        options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+        if pos >= len(values) and name in optional and "default" in options:
+            # A workflow saved before the node gained this optional input: the frontend gives the new
+            # widget its default (it fills widgets from widgets_values by position and stops at the end).
+            out[name] = options["default"]
+            continue
         if pos >= len(values):
             raise WorkflowError(
                 f"node {node['id']} ({node['type']}) has {len(values)} widget values but its inputs need more: "

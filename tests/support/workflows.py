@@ -30,6 +30,15 @@ def fixture_names(family: str, timestep_aware: bool = False) -> dict[str, dict[s
     }
 
 
+# Workflows for the published adapters (docs/public_adapters.md): their text model and adapter in the
+# fixture's shapes (tests/e2e/conftest.py).
+PUBLIC_ADAPTER_NAMES = {
+    "sd15_ella": {"LLMDiffLoadLLM": {"llm_name": "tiny-t5"}, "LLMDiffLoadAdapter": {"adapter_name": "ella-random.safetensors"}},
+    "sdxl_rouwei_gemma": {"LLMDiffLoadLLM": {"llm_name": "gemma3-1b-width"},
+                          "LLMDiffLoadAdapter": {"adapter_name": "rouwei-gemma-random.safetensors"}},
+}
+
+
 def load_api(server: ComfyServer, workflow: str) -> dict:
     """The shipped UI workflow as an API prompt, with fixture models and a small, fast run."""
     from support.workflow_convert import ui_to_api
@@ -39,6 +48,7 @@ def load_api(server: ComfyServer, workflow: str) -> dict:
     family = family_of(workflow)
     has_area = bool(nodes_of(api, "ConditioningSetArea"))
     names = fixture_names(family, timestep_aware=bool(nodes_of(api, "LLMDiffApplyAdapter")))
+    names.update(PUBLIC_ADAPTER_NAMES.get(workflow, {}))
     if nodes_of(api, "CheckpointLoaderSimple"):
         names["CheckpointLoaderSimple"] = {"ckpt_name": checkpoint_name(server, family)}
     for node in api.values():

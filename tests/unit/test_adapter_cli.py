@@ -185,3 +185,10 @@ def test_upgrade_rewrites_an_old_file_at_the_current_version(adapter_file, tmp_p
         assert f.metadata()["format_version"] == str(FORMAT_VERSION)
         assert json.loads(f.metadata()["config"]) == json.loads(metadata["config"])
         assert all(torch.equal(f.get_tensor(k), v) for k, v in tensors.items())
+
+
+def test_inspect_describes_a_published_adapter(capsys):
+    interop = Path(__file__).parent / "data" / "interop"
+    assert cli.main(["inspect", str(interop / "ella_small.safetensors")]) == cli.EXIT_OK
+    out = capsys.readouterr().out
+    assert "published adapter" in out and "layout ella-tsc" in out and "heads 4" in out and out.rstrip().endswith("OK")

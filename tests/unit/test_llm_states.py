@@ -259,10 +259,13 @@ def test_encoder_only_model_is_refused(tmp_path, folder_copy):
 
 
 def test_encoder_decoder_model_is_refused(tmp_path, folder_copy):
-    from transformers import T5Config, T5Model
+    """An encoder-decoder family with no encoder path here (BART) is refused; T5 / T5Gemma load as encoders
+    (tests/unit/test_foreign_text.py)."""
+    from transformers import BartConfig, BartModel
 
-    t5 = tmp_path / "t5"
-    T5Model(T5Config(vocab_size=1000, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2)).save_pretrained(t5)
-    shutil.copy(folder_copy / "tokenizer.json", t5 / "tokenizer.json")
+    bart = tmp_path / "bart"
+    BartModel(BartConfig(vocab_size=1000, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64)).save_pretrained(bart)
+    shutil.copy(folder_copy / "tokenizer.json", bart / "tokenizer.json")
     with pytest.raises(LLMLoadError, match="encoder-decoder"):
-        load_llm(t5)
+        load_llm(bart)

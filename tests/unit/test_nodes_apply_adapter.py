@@ -17,53 +17,10 @@ import torch
 
 from support.adapters import trained_like
 from support.node_models import node_models, qwen  # noqa: F401  (fixtures; env = node_models)
-from devkit.comfy_pack import _torchvision_stub_if_missing, pack_module
+from devkit.comfy_pack import pack_module
+from support.sampling import ATOL, apply, calc_cond_batch, comfy, ksample, one_thread, recording, sigma_of, unet  # noqa: F401
 
-ATOL = 1e-5
-TINY_SD15_UNET = {  # comfy.model_detection's SD15 config, shrunk: 2 levels of 32/64 channels
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "dtype": torch.float32, "in_channels": 4, "model_channels": 32, "num_res_blocks": [1, 1],
-    "transformer_depth": [1, 1], "channel_mult": [1, 2], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
-    "context_dim": 768, "transformer_depth_output": [1, 1, 1, 1], "use_temporal_attention": False, "use_temporal_resblock": False,
-}
 LONG = "a red cube on a wooden table, photographed at noon with soft shadows and a blue wall behind it"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: each op is microseconds, and two threads fighting over a shared 2-core machine made
-    these tests 30x slower than one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def comfy(env):  # noqa: F811
-    """ComfyUI's modules the tests drive (its nodes.py imports torchvision only for models we do not use)."""
-    with _torchvision_stub_if_missing():
-        import nodes
-    import comfy.model_patcher
-    import comfy.patcher_extension
-    import comfy.sampler_helpers
-    import comfy.samplers
-
-    return types.SimpleNamespace(nodes=nodes, samplers=comfy.samplers, helpers=comfy.sampler_helpers,
-                                 patcher=comfy.model_patcher, ext=comfy.patcher_extension)
-
-
-@pytest.fixture(scope="module")
-def unet(comfy):
-    from comfy.supported_models import SD15
-
-    model = SD15(dict(TINY_SD15_UNET)).get_model({}, device="cpu")
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # ComfyUI's layers skip weight init (weights come from a file); draw them
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-    cpu = torch.device("cpu")
-    return comfy.patcher.ModelPatcher(model, load_device=cpu, offload_device=cpu)
 
 
 @pytest.fixture(scope="module")
@@ -134,45 +91,9 @@ def at_timesteps(conditioning, encode, qwen, timesteps):  # noqa: F811
     return out
 
 
-def recording(comfy, model):
-    """A clone of `model` whose every UNet call is recorded (context, timesteps, our wrapper's record, kwargs)."""
-    record_key = pack_module("nodes.step_wrapper").RECORD_KEY
-    calls = []
-
-    def record(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):
-        calls.append(dict(timesteps=executor.class_obj.model_sampling.timestep(t).tolist(), context=c_crossattn.clone(),
-                          chunks=list(transformer_options["cond_or_uncond"]), record=transformer_options.get(record_key),
-                          kwargs=set(kwargs)))
-        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-
-    clone = model.clone()
-    clone.add_wrapper_with_key(comfy.ext.WrappersMP.APPLY_MODEL, "test_recorder", record)
-    return clone, calls
-
-
-def calc_cond_batch(comfy, model, positive, negative, sigmas):
-    """One sampler step's model evaluation, prepared the way ComfyUI's CFGGuider prepares it."""
-    x = torch.randn(len(sigmas), 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    conds = {"positive": comfy.helpers.convert_cond(positive), "negative": comfy.helpers.convert_cond(negative)}
-    conds = comfy.samplers.process_conds(model.model, x, conds, "cpu")
-    model_options = comfy.patcher.create_model_options_clone(model.model_options)
-    comfy.helpers.prepare_model_patcher(model, conds, model_options)
-    model.pre_run()
-    sigma = torch.tensor(sigmas, dtype=torch.float32)
-    return comfy.samplers.calc_cond_batch(model.model, [conds["positive"], conds["negative"]], x, sigma, model_options)
-
-
-def apply(nodes, unet, adapter):
-    return nodes["LLMDiffApplyAdapter"].execute(unet, adapter).args[0]
-
-
 def clip_like(value=0.3, tokens=77):
     """A CLIP-shaped plain conditioning entry (no states)."""
     return [[torch.full((1, tokens, 768), value), {}]]
-
-
-def sigma_of(unet, t: float) -> float:
-    return float(unet.model.model_sampling.sigma(torch.tensor(t)))
 
 
 # --- batching against the reference ----------------------------------------------------------------
@@ -223,14 +144,6 @@ RUNS = {
     "denoise-0.6": dict(sampler="euler", scheduler="normal", denoise=0.6),
     "advanced-steps-1-3": dict(sampler="euler", scheduler="normal", advanced=(1, 3)),
 }
-
-
-def ksample(comfy, model, positive, negative, sampler="euler", scheduler="normal", denoise=1.0, advanced=None, steps=4):
-    latent = {"samples": torch.zeros(2, 4, 8, 8)}  # batch 2
-    if advanced:
-        return comfy.nodes.KSamplerAdvanced().sample(model, "enable", 7, steps, 5.0, sampler, scheduler, positive, negative, latent,
-                                                     advanced[0], advanced[1], "disable")[0]["samples"]
-    return comfy.nodes.KSampler().sample(model, 7, steps, 5.0, sampler, scheduler, positive, negative, latent, denoise=denoise)[0]["samples"]
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))

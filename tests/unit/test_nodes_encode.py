@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from devkit.comfy_pack import pack_module
-from support.node_models import node_models, qwen  # noqa: F401  (fixtures; env = node_models)
+from support.node_models import FakeClip, node_models, qwen  # noqa: F401  (fixtures; env = node_models)
 
 
 @pytest.fixture(scope="module")
@@ -29,20 +29,6 @@ def encode(env):
     pack, nodes = env
     pack_module("nodes.encode").ENCODE_CACHE.clear()
     return lambda *args, **kwargs: nodes["LLMDiffTextEncode"].execute(*args, **kwargs).args
-
-
-class FakeClip:
-    """Duck-types comfy.sd.CLIP's tokenize / encode_from_tokens with known outputs of a given width."""
-
-    def __init__(self, width: int, pooled_dim: int):
-        self.width, self.pooled_dim, self.texts = width, pooled_dim, []
-
-    def tokenize(self, text):
-        self.texts.append(text)
-        return {"l": [[(1, 1.0)]]}
-
-    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
-        return {"cond": torch.full((1, 77, self.width), 0.5), "pooled_output": torch.full((1, self.pooled_dim), 2.0)}
 
 
 def adapter_output(pack, llm, adapter, text):

@@ -6,12 +6,13 @@ from devkit.comfy_pack import node_classes
 # ComfyUI stores widget values by position: this order may only ever grow at the end.
 CONTRACT = {
     "LLMDiffLoadLLM": ("Load LLM (decoder-only)", ["llm_name", "dtype"], ["memory_mode", "quantization"], ["LLMDIFF_LLM"]),
-    "LLMDiffLoadAdapter": ("Load LLM Diff Adapter", ["adapter_name"], [], ["LLMDIFF_ADAPTER"]),
+    "LLMDiffLoadAdapter": ("Load LLM Diff Adapter", ["adapter_name"], [], ["LLMDIFF_ADAPTER", "STRING"]),
     "LLMDiffTextEncode": (
         "LLM Diff Text Encode",
         ["llm", "adapter", "text"],
         ["clip", "clip_mode", "llm_strength", "clip_strength", "pooled_blend",
-         "width", "height", "crop_w", "crop_h", "target_width", "target_height"],
+         "width", "height", "crop_w", "crop_h", "target_width", "target_height",
+         "system_prompt", "skip_first", "t5_padding"],
         ["CONDITIONING", "STRING"],
     ),
     "LLMDiffApplyAdapter": ("Apply LLM Diff Adapter (timestep-aware)", ["model", "adapter"], [], ["MODEL"]),
@@ -47,7 +48,9 @@ def test_every_input_has_a_tooltip(infos, node_id):
 def test_rare_knobs_are_advanced_and_options_fixed(infos):
     encode = infos["LLMDiffTextEncode"].input
     advanced = {name for name, (_t, opts) in encode["optional"].items() if opts.get("advanced")}
-    assert advanced == {"pooled_blend", "width", "height", "crop_w", "crop_h", "target_width", "target_height"}
+    assert advanced == {"pooled_blend", "width", "height", "crop_w", "crop_h", "target_width", "target_height",
+                        "system_prompt", "skip_first", "t5_padding"}
+    assert encode["optional"]["t5_padding"][1]["options"] == ["max_length", "flexible"]
     assert encode["optional"]["clip_mode"][1]["options"] == ["none", "concat"]
     assert encode["required"]["text"][1]["multiline"] is True
     assert infos["LLMDiffLoadLLM"].input["required"]["dtype"][1]["options"] == ["auto", "bf16", "fp16", "fp32"]

@@ -149,3 +149,12 @@ def test_widget_count_mismatch_names_the_node(values):
 def test_api_format_input_is_refused_clearly():
     with pytest.raises(WorkflowError, match="not a UI-format workflow"):
         ui_to_api({"3": {"class_type": "KSampler", "inputs": {}}}, OBJECT_INFO)
+
+
+def test_optional_widgets_added_after_saving_get_their_defaults():
+    info = copy.deepcopy(OBJECT_INFO)
+    info["FakeEncode"]["input"]["optional"]["strength"] = ["FLOAT", {"default": 1.5}]
+    ui = {"nodes": [{"id": 1, "type": "FakeEncode", "mode": 0, "widgets_values": ["hello", "concat"]}], "links": []}
+    assert ui_to_api(ui, info)["1"]["inputs"] == {"text": "hello", "mode": "concat", "strength": 1.5}
+    with pytest.raises(WorkflowError, match="has 1 widget values"):  # a required or default-less one is still an error
+        ui_to_api({"nodes": [{"id": 1, "type": "FakeEncode", "mode": 0, "widgets_values": ["hello"]}], "links": []}, info)
