@@ -385,7 +385,7 @@ class LLMDiffAdapter(nn.Module):
         return _check_mask(attention_mask, batch, length)
 
     @torch.no_grad()
-    def start_at(self, context: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> None:
+    def start_at(self, context: torch.Tensor, pooled: Optional[torch.Tensor] = None, per_channel: bool = False) -> None:
         """Set the output heads so that, before training, the adapter's output has the statistics of a
         reference conditioning (the base model's own empty-prompt context [N', C], and pooled [P]).
 
@@ -395,15 +395,27 @@ class LLMDiffAdapter(nn.Module):
         spent its first several hundred steps walking to that offset while the frozen UNet saw
         out-of-distribution context. Here the bias starts at the per-channel mean, and the weights are
         scaled so that the per-token deviations have the reference's RMS.
+
+        With `per_channel`, `context` should be the teacher's contexts of many captions [M, N', C] (and
+        `pooled` [M, P]): every output channel then starts with the teacher's own offset and spread, i.e.
+        weight row c scaled to norm std_c (the LayerNorm before it gives unit-variance inputs, so a row's norm
+        is its channel's std) and bias c = mean_c; the pooled bias starts at the pooled mean. The adapter then
+        starts inside the UNet's input distribution channel by channel, not only in its overall level.
         """
         context = context.reshape(-1, context.shape[-1]).float()
         mean = context.mean(dim=0)
-        spread = (context - mean).pow(2).mean().sqrt()
         head = self.context_head
         head.proj.bias.copy_(mean.to(head.proj.bias.dtype))
-        head.proj.weight.mul_(spread.clamp_min(1e-3) / head.proj.weight.float().pow(2).sum(dim=1).mean().sqrt())
+        row_norms = head.proj.weight.float().pow(2).sum(dim=1).sqrt()
+        if per_channel:
+            spread = (context - mean).pow(2).mean(dim=0).sqrt()  # [C]
+            head.proj.weight.mul_((spread.clamp_min(1e-3) / row_norms).unsqueeze(1).to(head.proj.weight.dtype))
+        else:
+            spread = (context - mean).pow(2).mean().sqrt()
+            head.proj.weight.mul_(spread.clamp_min(1e-3) / row_norms.pow(2).mean().sqrt())
         if pooled is not None and self.pooled_head is not None:
-            self.pooled_head.proj.bias.copy_(pooled.reshape(-1).to(self.pooled_head.proj.bias.dtype))
+            pooled = pooled.reshape(-1, pooled.shape[-1]).float().mean(dim=0)
+            self.pooled_head.proj.bias.copy_(pooled.to(self.pooled_head.proj.bias.dtype))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

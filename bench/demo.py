@@ -99,16 +99,19 @@ def main(argv: list[str] | None = None) -> Path:
                                                   desc=f"sampling: {name}")
     triplets = ev.make_triplets(base, n=64 if args.quick else 256)
     mse = {name: float(ev.eps_mse(base, conditioning, triplets).mean()) for name, conditioning in arms.items()}
+    mse_empty = float(ev.eps_mse(base, ev.empty_conditioning(base), triplets).mean())
     stages.update(1)
 
     stages.set_postfix_str("writing")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     teacher, ours = list(arms)
+    gain = ev.recovered_gain(mse[ours], mse[teacher], mse_empty)
+    metrics_gain = {"recovered_gain": gain}
     names = [k for k in ev.summarize_checks(checks[ours]) if k != "n"]
     metrics = {"prompts": len(prompts), "sampler": {"name": "DDIM", "steps": args.sampler_steps, "guidance": args.guidance},
                "adapter_run": str(run), "train_timings": json.loads((run / "timings.json").read_text())["wall_s"],
-               "eps_mse_val": mse, "arms": {}}
+               "eps_mse_val": mse, "eps_mse_val_empty_prompt": mse_empty, "arms": {}}
     rows = []
     for check in names:
         values = {a: [[c[check] for c in checks[a] if check in c]] for a in arms}
@@ -121,6 +124,7 @@ def main(argv: list[str] | None = None) -> Path:
     comparison_grid(out / "samples.png", prompts[:GRID_PROMPTS], {"teacher": images[teacher][:GRID_PROMPTS],
                                                                    "adapter": images[ours][:GRID_PROMPTS]})
     seconds = time.perf_counter() - start
+    metrics.update(metrics_gain)
     metrics["seconds"] = round(seconds, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     report = [
@@ -133,7 +137,9 @@ def main(argv: list[str] | None = None) -> Path:
         "(one training seed: the full study, `make bench-shapes`, adds seeds).", "",
         markdown_table(["check", "prompts", "teacher", "adapter", "adapter - teacher [95% CI]"], rows), "",
         f"Validation epsilon-MSE (unweighted, {len(triplets.captions)} fixed val triplets): teacher "
-        f"{mse[teacher]:.4f}, adapter {mse[ours]:.4f}.", "",
+        f"{mse[teacher]:.5f}, adapter {mse[ours]:.5f}, the empty prompt {mse_empty:.5f}: recovered gain "
+        f"R = (L_empty - L_adapter) / (L_empty - L_teacher) = {gain:.3f} (1 = the teacher's level, 0 = no better than "
+        "the empty prompt).", "",
         f"![teacher | adapter](samples.png)", "",
         f"Run: {seconds / 60:.1f} min in all. Adapter run (reused when unchanged): `{run}`.", ""]
     (out / "report.md").write_text("\n".join(report), encoding="utf-8")

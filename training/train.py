@@ -313,6 +313,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.print_config:
         return 0
     try:
+        if cfg.stage == "distill":  # captions only (training/distill.py)
+            from training.distill import distill
+
+            return distill(cfg, rank, world, local_rank)
         return train(cfg, rank, world, local_rank)
     except (AdapterError, BaseModelError, DatasetError, TrainConfigError, ckpt.CheckpointError, TrainingStopped) as err:
         log.error("%s", err)
@@ -391,24 +395,8 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
     ema = EMA(raw.adapter, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     # 4. Resume.
-    step, epoch, position, nonfinite = 0, 0, 0, 0
-    if resume_from is not None:
-        saved = ckpt.load(resume_from)
-        if set(saved["trainable"]) != set(trainable):
-            raise ckpt.CheckpointError(
-                f"{resume_from} holds other trainable weights than this run builds (missing "
-                f"{sorted(set(trainable) - set(saved['trainable']))[:5]}, extra {sorted(set(saved['trainable']) - set(trainable))[:5]}): "
-                "resume with the settings it was written with (its state.json has the config)")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(saved["trainable"][n].to(p.dtype))
-        if ema is not None and saved["ema"] is not None:
-            ema.shadow = {n: t.to(device) for n, t in saved["ema"].items()}
-        optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
-        step, epoch, position, nonfinite = state["step"], state["data_epoch"], state["data_position"], state["nonfinite_steps"]
-        if is_main:
-            print(f"resuming from {resume_from} at step {step} of {cfg.max_steps}", flush=True)
+    step, epoch, position, nonfinite = restore_checkpoint(resume_from, trainable, ema, optimizer, device, is_main,
+                                                          cfg.max_steps)
     total = cfg.max_steps
 
     writer = None
@@ -525,6 +513,30 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> int:
     return 0
 
 
+def restore_checkpoint(resume_from: Optional[Path], trainable: dict, ema: Optional[EMA], optimizer, device, is_main: bool,
+                       max_steps: int) -> tuple[int, int, int, int]:
+    """Load a checkpoint into the trainable weights, EMA and optimizer; returns (step, data epoch, data position,
+    non-finite steps so far), all zero when there is nothing to resume."""
+    if resume_from is None:
+        return 0, 0, 0, 0
+    saved = ckpt.load(resume_from)
+    if set(saved["trainable"]) != set(trainable):
+        raise ckpt.CheckpointError(
+            f"{resume_from} holds other trainable weights than this run builds (missing "
+            f"{sorted(set(trainable) - set(saved['trainable']))[:5]}, extra {sorted(set(saved['trainable']) - set(trainable))[:5]}): "
+            "resume with the settings it was written with (its state.json has the config)")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(saved["trainable"][n].to(p.dtype))
+    if ema is not None and saved["ema"] is not None:
+        ema.shadow = {n: t.to(device) for n, t in saved["ema"].items()}
+    optimizer.load_state_dict(saved["optimizer"])
+    state = saved["state"]
+    if is_main:
+        print(f"resuming from {resume_from} at step {state['step']} of {max_steps}", flush=True)
+    return state["step"], state["data_epoch"], state["data_position"], state["nonfinite_steps"]
+
+
 def run_validation(cfg, base, adapter, llm, dataset, device, writer, step) -> None:
     adapter.eval()
     size = dataset.buckets[dataset.bucket_of[0]]
@@ -555,7 +567,8 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
         os.replace(tmp, out_dir / lora_file)
     training = {
         "steps": step,
-        "loss": dataclasses.asdict(cfg.loss),
+        "stage": cfg.stage,
+        "loss": dataclasses.asdict(cfg.loss) if cfg.stage == "image" else dataclasses.asdict(cfg.distill),
         "dataset": dataset.name,
         "dataset_samples": len(dataset.samples),
         "base_model": base.name,
