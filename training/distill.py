@@ -51,14 +51,16 @@ TEACHER_CACHE_VERSION = "1"
 
 @dataclass
 class CaptionSet:
-    """The distinct captions of a caption source; `samples` and `name` are what the exported provenance records."""
+    """The captions of a caption source, repeats kept: a caption that is frequent in the data is frequent in
+    training, as in the image stage. `samples` and `name` are what the exported provenance records."""
 
     samples: list[str]
     name: str
 
 
 def read_captions(path: str, caption_column: str = "text", name: str = "") -> CaptionSet:
-    """Distinct non-empty captions from a .txt / .jsonl caption file or the caption column of a dataset.
+    """The non-empty captions (stripped, repeats kept, in source order) of a .txt / .jsonl caption file or the
+    caption column of a dataset.
 
     Blank captions are dropped: the empty prompt is trained through caption dropout (data.caption_dropout),
     at the rate the run asks for, not at whatever rate a file happens to contain it."""
@@ -89,11 +91,11 @@ def read_captions(path: str, caption_column: str = "text", name: str = "") -> Ca
     else:
         raise DatasetError(f"caption source {path} does not exist: pass a .txt file (one caption per line), a .jsonl "
                            "file, an image folder with .txt captions, a folder with metadata.jsonl, or .tar shards")
-    distinct = sorted({c.strip() for c in captions} - {""})
-    if not distinct:
+    kept = [c.strip() for c in captions if c.strip()]
+    if not kept:
         raise DatasetError(f"{path} holds no non-empty captions" + (f" ({'; '.join(skipped[:5])})" if skipped else ""))
-    log.info("captions: %d distinct from %s", len(distinct), path)
-    return CaptionSet(distinct, name or source.stem or source.name)
+    log.info("captions: %d (%d distinct) from %s", len(kept), len(set(kept)), path)
+    return CaptionSet(kept, name or source.stem or source.name)
 
 
 # ---------------------------------------------------------------------------------------------

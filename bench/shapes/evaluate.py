@@ -57,12 +57,10 @@ def empty_conditioning(base) -> Conditioning:
 def recovered_gain(adapter_loss: float, teacher_loss: float, empty_loss: float) -> float:
     """R = (L_empty - L_adapter) / (L_empty - L_teacher): the share of the teacher's gain over the empty prompt
     that a conditioning recovers, on the same validation triplets. 1 = the teacher's loss, 0 = no better than
-    saying nothing, negative = worse than the empty prompt; above 1 = better than the teacher."""
+    saying nothing, negative = worse than the empty prompt; above 1 = better than the teacher. NaN when the
+    teacher is no better than the empty prompt (an untrained base model, or too few triplets): R is undefined."""
     gap = empty_loss - teacher_loss
-    if not gap > 0:
-        raise ValueError(f"the teacher's loss ({teacher_loss:.6f}) must be below the empty prompt's ({empty_loss:.6f}) "
-                         "for a recovered gain to mean anything; use more validation triplets")
-    return (empty_loss - adapter_loss) / gap
+    return (empty_loss - adapter_loss) / gap if gap > 0 else float("nan")
 
 
 def adapter_conditioning(adapter, llm) -> Conditioning:

@@ -36,7 +36,7 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets, tmp_path):
     out = tmp_path / "demo"
     result = _run(["-m", "bench.demo", "--quick", "--assets", str(quick_assets), "--out", str(out), "--steps", "3",
-                   "--prompts", "6", "--sampler-steps", "2"], tmp_path)
+                   "--distill-steps", "3", "--prompts", "6", "--sampler-steps", "2"], tmp_path)
     assert f"outputs in {out.resolve()}" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prompts"] == 6 and set(metrics["arms"]) == {"teacher (bag of words)", "adapter (tiny LM, all layers)"}
@@ -46,6 +46,12 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
     run = Path(metrics["adapter_run"])
     assert (run / "adapter.safetensors").is_file() and "--preset dynamic-kl" in (run / "train.log").read_text() or \
         json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["config"]["loss"]["teacher_schedule"] == "cosine"
+    # distillation first (captions only), then the image stage from its adapter
+    distilled = [p for p in (tmp_path / "cache" / "shapes").iterdir() if p.name.startswith("demo-distill-")]
+    assert len(distilled) == 1 and (distilled[0] / "adapter.safetensors").is_file()
+    state = json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert state["config"]["model"]["init_adapter"] == str(distilled[0] / "adapter.safetensors")
+    assert isinstance(metrics["recovered_gain"], float) and "recovered gain" in (out / "report.md").read_text()
     grid = Image.open(out / "samples.png")
     assert grid.width > 4 * 2 * 64  # four prompt cells per row, teacher and adapter side by side
     report = (out / "report.md").read_text()
@@ -53,7 +59,7 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
 
     # a second run reuses the trained adapter instead of training again
     again = _run(["-m", "bench.demo", "--quick", "--assets", str(quick_assets), "--out", str(out), "--steps", "3",
-                  "--prompts", "6", "--sampler-steps", "2"], tmp_path)
+                  "--distill-steps", "3", "--prompts", "6", "--sampler-steps", "2"], tmp_path)
     assert "train:" not in again.stderr
 
 

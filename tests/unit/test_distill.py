@@ -59,17 +59,17 @@ def test_distillation_loss_refuses_mismatched_shapes():
 # captions only
 
 
-def test_captions_from_a_txt_file_distinct_without_blanks(tmp_path):
+def test_captions_from_a_txt_file_keep_repeats_and_drop_blanks(tmp_path):
     path = tmp_path / "captions.txt"
     path.write_text("a red circle\n\n  a blue square  \na red circle\n", encoding="utf-8")
-    captions = read_captions(str(path))
-    assert captions.samples == ["a blue square", "a red circle"] and captions.name == "captions"
+    captions = read_captions(str(path))  # a frequent caption stays frequent, as in the image stage
+    assert captions.samples == ["a red circle", "a blue square", "a red circle"] and captions.name == "captions"
 
 
 def test_captions_from_a_jsonl_file_and_its_caption_column(tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps({"prompt": "two cats"}) + "\n" + json.dumps({"prompt": "a dog"}) + "\n", encoding="utf-8")
-    assert read_captions(str(path), caption_column="prompt").samples == ["a dog", "two cats"]
+    assert read_captions(str(path), caption_column="prompt").samples == ["two cats", "a dog"]
     with pytest.raises(DatasetError, match=r"line 1: expected a JSON object with a 'text' key"):
         read_captions(str(path))
 
