@@ -5,7 +5,8 @@
       -> fusion over layers               ("all": learned softmax over L+1, uniform at init; "last")
       -> Linear H -> D
       -> refiner: non-causal blocks       (a decoder token never saw the tokens after it)
-      -> resampler: N learned queries     (fixed-length context; N = 77 batches with a CLIP negative)
+      -> resampler: N learned queries     (fixed-length context; N = 77 batches with a CLIP negative;
+                                           arch.output "per_token": query i starts from token i too)
       -> head: LayerNorm, Linear D -> C, learned scale   => context [B, N, C], RMS ~1 at init
       -> (SDXL) attention pool -> Linear D -> P, scale  => pooled [B, P]
 
@@ -37,6 +38,7 @@ import math
 from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.nn.utils import skip_init
@@ -328,6 +330,10 @@ class LLMDiffAdapter(nn.Module):
         tokens = self.refiner_norm(tokens)
 
         queries = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        if self.config.arch.output == "per_token":  # slot i starts from token i (padding tokens add nothing)
+            count = min(tokens.shape[1], queries.shape[1])
+            layout = tokens[:, :count].masked_fill(~mask[:, :count, None], 0)
+            queries = queries + F.pad(layout, (0, 0, 0, queries.shape[1] - count))
         for block in self.resampler[: self.fixed_blocks]:
             queries = block(queries, tokens, key_mask)
         cross_kv = tuple(block.cross_attn.keys_values(tokens) for block in self.resampler[self.fixed_blocks:])

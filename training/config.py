@@ -107,7 +107,7 @@ class DistillConfig:
     pooled_weight: float = 1.0  # SDXL: weight of the same loss on the pooled vector
     cache_teacher: bool = True  # the teacher's contexts per caption on disk, computed once
     teacher_cache_dir: str = ""  # "" = <output_dir>/teacher_cache
-    start_per_channel: bool = True  # a fresh adapter's output starts at the teacher's per-channel mean and spread
+    start_per_channel: bool = False  # start a fresh adapter at the teacher's per-channel mean and spread (measured: slower)
     start_captions: int = 512  # captions whose teacher contexts give those statistics (a fixed, seeded sample)
 
 

@@ -171,3 +171,46 @@ def test_start_at_without_per_channel_keeps_one_spread_for_all_channels():
     norms = adapter.context_head.proj.weight.norm(dim=1)
     assert norms.std() / norms.mean() < 0.5  # random rows of one common scale, not the teacher's per-channel spread
     assert float(norms.pow(2).mean().sqrt()) == pytest.approx(float((teacher - teacher.reshape(-1, 16).mean(0)).pow(2).mean().sqrt()), rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-token output mode
+
+
+def test_per_token_mode_keeps_the_token_layout_with_the_same_weights(tmp_path):
+    from adapter import AdapterConfig as Config, load_adapter, save_adapter
+
+    resampler = _adapter()
+    config = Config.from_dict({**resampler.config.to_dict(), "arch": {**resampler.config.to_dict()["arch"], "output": "per_token"}})
+    per_token = LLMDiffAdapter(config).eval()
+    per_token.load_state_dict(resampler.state_dict())  # the same weights: the mode only changes how slots start
+    torch.manual_seed(1)
+    states = torch.randn(2, 3, 6, 24)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]])
+    with torch.no_grad():
+        a, b = resampler(states, mask).context, per_token(states, mask).context
+        assert not torch.allclose(a, b)
+        # padding adds nothing to the layout: the short prompt alone gives the same context
+        alone = per_token(states[1:, :, :3], mask[1:, :3]).context
+        assert torch.allclose(alone, b[1:], atol=1e-5)
+        # the prompt's first token shapes slot 0 more than a padding slot far away
+        moved = states.clone()
+        moved[0, :, 0] += 3.0
+        delta = (per_token(moved, mask).context - b).pow(2).mean(-1)[0]
+        assert delta[0] > delta[70]
+    path = save_adapter(tmp_path / "per_token.safetensors", per_token)
+    assert load_adapter(path).config.arch.output == "per_token"
+
+
+def test_adapter_files_without_an_output_mode_load_as_the_resampler():
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    from adapter import load_adapter
+
+    old = Path(__file__).parent / "data" / "static_adapter_v1.safetensors"
+    with safe_open(str(old), framework="pt") as handle:
+        assert "output" not in json.loads(handle.metadata()["config"])["arch"]  # written before the mode existed
+    adapter = load_adapter(old)
+    assert adapter.config.arch.output == "resampler"
