@@ -214,3 +214,23 @@ def test_adapter_files_without_an_output_mode_load_as_the_resampler():
         assert "output" not in json.loads(handle.metadata()["config"])["arch"]  # written before the mode existed
     adapter = load_adapter(old)
     assert adapter.config.arch.output == "resampler"
+
+
+# ---------------------------------------------------------------------------------------------
+# the preset
+
+
+def test_distill_preset_and_stage_checks():
+    from adapter.errors import ConfigError
+    from training.config import TrainConfigError, resolve_config
+
+    cfg, _ = resolve_config(["--preset", "distill"])
+    assert cfg.stage == "distill" and cfg.batch_size == 64 and cfg.optim.lr == 2e-3
+    assert cfg.data.caption_dropout == 0.05 and cfg.distill.cosine_weight == 0.1
+    assert resolve_config([])[0].stage == "image"  # the default recipe is unchanged
+    with pytest.raises(TrainConfigError, match="stage must be one of image, distill"):
+        resolve_config(["--set", "stage=text"])
+    with pytest.raises(TrainConfigError, match="unknown config key 'distill.cosine'"):
+        resolve_config(["--preset", "distill", "--set", "distill.cosine=0.2"])
+    with pytest.raises(ConfigError, match="arch.output must be one of resampler, per_token"):
+        resolve_config(["--set", "arch.output=tokens"])
