@@ -10,6 +10,9 @@ Two processes on a CPU (what the tests do; `accelerate launch --cpu` starts only
     torchrun --nproc_per_node 2 -m training.train --config my-run.toml
 A preempted job continues exactly where it stopped when rerun with the same command plus:
     --resume latest        (starts fresh, and says so, when there is no checkpoint yet)
+Bootstrap from captions first (no images, no UNet forward: training/distill.py), then train on images from it:
+    python -m training.train --preset distill --data captions.txt ... --output-dir outputs/distill
+    python -m training.train --init-adapter outputs/distill/adapter.safetensors --data datasets/my-images ...
 
 What one step does (DESIGN.md sections 2, 4, 5):
     latents (VAE, cached on disk) + noise at a random timestep -> x_t
