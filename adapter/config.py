@@ -87,6 +87,9 @@ def make_target(family: str, num_tokens: int = 77, context_dim: Optional[int] = 
     return spec
 
 
+OUTPUT_MODES = ("resampler", "per_token")
+
+
 @dataclass
 class ArchConfig:
     """Hyper-parameters of LLMDiffAdapter (see adapter/model.py for what each stage does)."""
@@ -107,10 +110,18 @@ class ArchConfig:
     # these run at every UNet call: 1 keeps that per-step cost under 1% of an SD1.5 UNet call in FLOPs at
     # default width (bench/timestep_overhead.py); resampler_layers modulates every block, as ELLA does.
     timestep_blocks: int = 1
+    # How the N context slots start before the resampler blocks. "resampler": N learned queries only.
+    # "per_token": slot i also starts from the prompt's token i (its refined state, template tokens included,
+    # in order), so the context keeps the prompt's token layout as CLIP's does (BOS, words, then padding
+    # slots that are the learned vectors alone); the blocks then refine it. Same weights in both modes;
+    # files without the key are "resampler".
+    output: str = "resampler"
 
     def validate(self) -> None:
         if self.fusion not in ("all", "last"):
             raise ConfigError(f"arch.fusion must be 'all' or 'last', got {self.fusion!r}")
+        if self.output not in OUTPUT_MODES:
+            raise ConfigError(f"arch.output must be one of {', '.join(OUTPUT_MODES)}, got {self.output!r}")
         if self.width % self.heads != 0:
             raise ConfigError(f"arch.width ({self.width}) must be divisible by arch.heads ({self.heads})")
         if self.refiner_layers < 0 or self.resampler_layers < 1:

@@ -5,7 +5,8 @@
       -> fusion over layers               ("all": learned softmax over L+1, uniform at init; "last")
       -> Linear H -> D
       -> refiner: non-causal blocks       (a decoder token never saw the tokens after it)
-      -> resampler: N learned queries     (fixed-length context; N = 77 batches with a CLIP negative)
+      -> resampler: N learned queries     (fixed-length context; N = 77 batches with a CLIP negative;
+                                           arch.output "per_token": query i starts from token i too)
       -> head: LayerNorm, Linear D -> C, learned scale   => context [B, N, C], RMS ~1 at init
       -> (SDXL) attention pool -> Linear D -> P, scale  => pooled [B, P]
 
@@ -37,6 +38,7 @@ import math
 from typing import NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 from torch.nn.utils import skip_init
@@ -348,6 +350,10 @@ class LLMDiffAdapter(nn.Module):
         tokens = self.refiner_norm(tokens)
 
         queries = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        if self.config.arch.output == "per_token":  # slot i starts from token i (padding tokens add nothing)
+            count = min(tokens.shape[1], queries.shape[1])
+            layout = tokens[:, :count].masked_fill(~mask[:, :count, None], 0)
+            queries = queries + F.pad(layout, (0, 0, 0, queries.shape[1] - count))
         for block in self.resampler[: self.fixed_blocks]:
             queries = block(queries, tokens, key_mask)
         cross_kv = tuple(block.cross_attn.keys_values(tokens) for block in self.resampler[self.fixed_blocks:])
@@ -390,7 +396,7 @@ class LLMDiffAdapter(nn.Module):
         return _check_mask(attention_mask, batch, length)
 
     @torch.no_grad()
-    def start_at(self, context: torch.Tensor, pooled: Optional[torch.Tensor] = None) -> None:
+    def start_at(self, context: torch.Tensor, pooled: Optional[torch.Tensor] = None, per_channel: bool = False) -> None:
         """Set the output heads so that, before training, the adapter's output has the statistics of a
         reference conditioning (the base model's own empty-prompt context [N', C], and pooled [P]).
 
@@ -400,15 +406,27 @@ class LLMDiffAdapter(nn.Module):
         spent its first several hundred steps walking to that offset while the frozen UNet saw
         out-of-distribution context. Here the bias starts at the per-channel mean, and the weights are
         scaled so that the per-token deviations have the reference's RMS.
+
+        With `per_channel`, `context` should be the teacher's contexts of many captions [M, N', C] (and
+        `pooled` [M, P]): every output channel then starts with the teacher's own offset and spread, i.e.
+        weight row c scaled to norm std_c (the LayerNorm before it gives unit-variance inputs, so a row's norm
+        is its channel's std) and bias c = mean_c; the pooled bias starts at the pooled mean. The adapter then
+        starts inside the UNet's input distribution channel by channel, not only in its overall level.
         """
         context = context.reshape(-1, context.shape[-1]).float()
         mean = context.mean(dim=0)
-        spread = (context - mean).pow(2).mean().sqrt()
         head = self.context_head
         head.proj.bias.copy_(mean.to(head.proj.bias.dtype))
-        head.proj.weight.mul_(spread.clamp_min(1e-3) / head.proj.weight.float().pow(2).sum(dim=1).mean().sqrt())
+        row_norms = head.proj.weight.float().pow(2).sum(dim=1).sqrt()
+        if per_channel:
+            spread = (context - mean).pow(2).mean(dim=0).sqrt()  # [C]
+            head.proj.weight.mul_((spread.clamp_min(1e-3) / row_norms).unsqueeze(1).to(head.proj.weight.dtype))
+        else:
+            spread = (context - mean).pow(2).mean().sqrt()
+            head.proj.weight.mul_(spread.clamp_min(1e-3) / row_norms.pow(2).mean().sqrt())
         if pooled is not None and self.pooled_head is not None:
-            self.pooled_head.proj.bias.copy_(pooled.reshape(-1).to(self.pooled_head.proj.bias.dtype))
+            pooled = pooled.reshape(-1, pooled.shape[-1]).float().mean(dim=0)
+            self.pooled_head.proj.bias.copy_(pooled.to(self.pooled_head.proj.bias.dtype))
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

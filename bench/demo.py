@@ -1,15 +1,18 @@
 """`make demo`: the whole method, trained and measured on a CPU, on the shapes benchmark (docs/design.md section 6).
 
-    make demo        (= python -m bench.demo [--prompts 100] [--steps 600] [--out outputs/demo])
+    make demo        (= python -m bench.demo [--prompts 100] [--distill-steps 600] [--steps 300] [--out outputs/demo])
 
 1. assets   the tiny LM and the tiny base model (the weak teacher) from assets/shapes/, which the repo ships
             (made by `make shapes-assets`); built here first if that folder is missing or stale.
-2. data     8000 training scenes with captions, written once to <cache>/shapes/train-8000.
-3. train    an adapter for the tiny LM with the `dynamic-kl` preset, through the trainer's real command line
-            (`python -m training.train --preset dynamic-kl --config bench/shapes/adapter.toml ...`), into
-            <cache>/shapes/demo-<key>; a later run with the same assets and settings reuses it.
+2. data     the captions of 8000 training scenes (and, when the image stage runs, the scenes themselves),
+            written once to <cache>/shapes/.
+3. train    an adapter for the tiny LM through the trainer's real command line: first caption-only distillation
+            onto the teacher's contexts (`python -m training.train --preset distill ...`, --distill-steps), then,
+            with --steps > 0, the `dynamic-kl` image stage from that adapter (`--preset dynamic-kl --init-adapter`),
+            into <cache>/shapes/demo-<key>; a later run with the same assets and settings reuses it.
 4. evaluate teacher and adapter sample the same held-out prompts (attribute combinations never seen in
-            training) from the same noise with the same sampler; the exact scorer checks every image.
+            training) from the same noise with the same sampler; the exact scorer checks every image; the
+            recovered gain R on fixed validation triplets says how much of the teacher's gain is reached.
 5. write    outputs/demo/samples.png (teacher | adapter, caption under each pair), metrics.json, report.md.
 
 <cache> is $LLMDIFF_CACHE or ~/.cache/llm-diff-adapter. Nothing is downloaded.
@@ -29,6 +32,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 OUT = Path("outputs/demo")
 GRID_PROMPTS = 16
+DISTILL_STEPS = 600  # caption-only steps (about 0.2-0.6 s each here) before the image stage
+IMAGE_STEPS = 300  # dynamic-kl steps after distillation (about 1.1 s each here)
+# The shapes config (bench/shapes/adapter.toml) sizes both stages; distillation keeps its preset's batch and lr,
+# and the image stage fine-tunes a distilled adapter at a tenth of the from-scratch lr (docs/parity_results.md).
+DISTILL_FLAGS = ("--batch-size", "64", "--set", "optim.lr=2e-3")
+FINE_TUNE_FLAGS = ("--set", "optim.lr=3e-4")
 
 
 def cache_dir() -> Path:
@@ -37,12 +46,26 @@ def cache_dir() -> Path:
     return path
 
 
-def run_key(assets: Path, steps: int) -> str:
-    """Changes whenever the assets, the benchmark's trainer settings or the step budget change."""
+def run_key(assets: Path, steps: int, distill_steps: int = 0) -> str:
+    """Changes whenever the assets, the benchmark's trainer settings or the step budgets change."""
     from bench.shapes.pipeline import SHAPES_CONFIG
+    from training.config import preset_path
 
-    digest = hashlib.sha256((assets / "manifest.json").read_bytes() + SHAPES_CONFIG.read_bytes() + str(steps).encode())
+    digest = hashlib.sha256((assets / "manifest.json").read_bytes() + SHAPES_CONFIG.read_bytes() + str(steps).encode()
+                            + (f"|distill {distill_steps}|".encode() + preset_path("distill").read_bytes()
+                               + " ".join(DISTILL_FLAGS + (FINE_TUNE_FLAGS if steps else ())).encode()
+                               if distill_steps else b""))
     return digest.hexdigest()[:12]
+
+
+def recipe(distill_steps: int, steps: int) -> str:
+    """The training recipe in words, for the report."""
+    parts = ([f"{distill_steps} steps of caption-only distillation onto the teacher's contexts (`--preset distill`)"]
+             if distill_steps else [])
+    if steps:
+        parts.append(f"{steps} steps of the `dynamic-kl` image stage" + (
+            f" from the distilled adapter (`--init-adapter`, {' '.join(FINE_TUNE_FLAGS)})" if distill_steps else ""))
+    return ", then ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -50,11 +73,17 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--prompts", type=int, default=100, help="held-out prompts to score (default 100)")
-    parser.add_argument("--steps", type=int, default=600, help="adapter training steps (default 600)")
+    parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS,
+                        help=f"caption-only distillation steps first (default {DISTILL_STEPS}; 0 = none)")
+    parser.add_argument("--steps", type=int, default=IMAGE_STEPS,
+                        help=f"dynamic-kl image-stage steps after distillation (default {IMAGE_STEPS}; without "
+                             "distillation, what the adapter trains)")
     parser.add_argument("--sampler-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="miniature untrained assets and a few steps (tests only)")
     args = parser.parse_args(argv)
+    if args.distill_steps < 0 or args.steps < 0 or args.distill_steps + args.steps == 0:
+        parser.error("--distill-steps and --steps must be >= 0, and one of them > 0")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     import torch
@@ -62,7 +91,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from bench.shapes import evaluate as ev
     from bench.shapes.assets import ensure_assets
-    from bench.shapes.pipeline import ensure_train_data, train_adapter
+    from bench.shapes.pipeline import ensure_captions, ensure_train_data, train_adapter
     from bench.shapes.report import comparison_grid, markdown_table
     from bench.shapes.scenes import heldout_prompts
     from bench.shapes.stats import mean_ci, paired_ci
@@ -77,13 +106,23 @@ def main(argv: list[str] | None = None) -> Path:
     stages.set_postfix_str("training data")
     cache = cache_dir()
     n_train = 64 if args.quick else 8000
-    data = ensure_train_data(cache / f"train-{n_train}", n=n_train)
+    quick = "-quick" if args.quick else ""
+    captions = ensure_captions(cache / f"train-{n_train}-captions.txt", n=n_train)  # the same scenes' captions
+    data = ensure_train_data(cache / f"train-{n_train}", n=n_train) if args.steps else None
     stages.update(1)
 
-    stages.set_postfix_str("training the adapter (dynamic-kl)")
-    run = cache / f"demo-{run_key(assets, args.steps)}{'-quick' if args.quick else ''}"
-    extra = ("--batch-size", "4") if args.quick else ()
-    train_adapter(assets, data, run, preset="dynamic-kl", seed=0, max_steps=args.steps, extra=extra)
+    run = None
+    if args.distill_steps:
+        stages.set_postfix_str("distilling the teacher's contexts (captions only)")
+        run = cache / f"demo-distill-{run_key(assets, 0, args.distill_steps)}{quick}"
+        flags = ("--batch-size", "4", "--set", "optim.lr=2e-3") if args.quick else DISTILL_FLAGS
+        train_adapter(assets, captions, run, preset="distill", seed=0, max_steps=args.distill_steps, extra=flags)
+    if args.steps:
+        stages.set_postfix_str("training the adapter (dynamic-kl)")
+        init = ("--init-adapter", str(run / "adapter.safetensors"), *FINE_TUNE_FLAGS) if run is not None else ()
+        run = cache / f"demo-{run_key(assets, args.steps, args.distill_steps)}{quick}"
+        extra = (("--batch-size", "4") if args.quick else ()) + init
+        train_adapter(assets, data, run, preset="dynamic-kl", seed=0, max_steps=args.steps, extra=extra)
     stages.update(1)
 
     stages.set_postfix_str(f"sampling and scoring {args.prompts} held-out prompts")
@@ -99,16 +138,19 @@ def main(argv: list[str] | None = None) -> Path:
                                                   desc=f"sampling: {name}")
     triplets = ev.make_triplets(base, n=64 if args.quick else 256)
     mse = {name: float(ev.eps_mse(base, conditioning, triplets).mean()) for name, conditioning in arms.items()}
+    mse_empty = float(ev.eps_mse(base, ev.empty_conditioning(base), triplets).mean())
     stages.update(1)
 
     stages.set_postfix_str("writing")
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     teacher, ours = list(arms)
+    gain = ev.recovered_gain(mse[ours], mse[teacher], mse_empty)
+    metrics_gain = {"recovered_gain": gain}
     names = [k for k in ev.summarize_checks(checks[ours]) if k != "n"]
     metrics = {"prompts": len(prompts), "sampler": {"name": "DDIM", "steps": args.sampler_steps, "guidance": args.guidance},
                "adapter_run": str(run), "train_timings": json.loads((run / "timings.json").read_text())["wall_s"],
-               "eps_mse_val": mse, "arms": {}}
+               "eps_mse_val": mse, "eps_mse_val_empty_prompt": mse_empty, "arms": {}}
     rows = []
     for check in names:
         values = {a: [[c[check] for c in checks[a] if check in c]] for a in arms}
@@ -121,19 +163,22 @@ def main(argv: list[str] | None = None) -> Path:
     comparison_grid(out / "samples.png", prompts[:GRID_PROMPTS], {"teacher": images[teacher][:GRID_PROMPTS],
                                                                    "adapter": images[ours][:GRID_PROMPTS]})
     seconds = time.perf_counter() - start
+    metrics.update(metrics_gain)
     metrics["seconds"] = round(seconds, 1)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     report = [
         "# make demo: the shapes benchmark on this machine", "",
-        f"An adapter for a tiny decoder-only LM ({assets / 'tiny-lm'}) trained with the `dynamic-kl` preset for "
-        f"{args.steps} steps on the frozen tiny base model, against that base model's own bag-of-words text "
+        f"An adapter for a tiny decoder-only LM ({assets / 'tiny-lm'}) trained with {recipe(args.distill_steps, args.steps)} "
+        f"on the frozen tiny base model, against that base model's own bag-of-words text "
         f"encoder (the weak teacher). {len(prompts)} held-out prompts (attribute combinations never seen in training), "
         f"one image each, DDIM {args.sampler_steps} steps, guidance {args.guidance}, the same noise for both. "
         "Accuracy per check of the exact scorer; the difference has a 95% bootstrap interval over prompts "
         "(one training seed: the full study, `make bench-shapes`, adds seeds).", "",
         markdown_table(["check", "prompts", "teacher", "adapter", "adapter - teacher [95% CI]"], rows), "",
         f"Validation epsilon-MSE (unweighted, {len(triplets.captions)} fixed val triplets): teacher "
-        f"{mse[teacher]:.4f}, adapter {mse[ours]:.4f}.", "",
+        f"{mse[teacher]:.5f}, adapter {mse[ours]:.5f}, the empty prompt {mse_empty:.5f}: recovered gain "
+        f"R = (L_empty - L_adapter) / (L_empty - L_teacher) = {gain:.3f} (1 = the teacher's level, 0 = no better than "
+        "the empty prompt).", "",
         f"![teacher | adapter](samples.png)", "",
         f"Run: {seconds / 60:.1f} min in all. Adapter run (reused when unchanged): `{run}`.", ""]
     (out / "report.md").write_text("\n".join(report), encoding="utf-8")

@@ -27,6 +27,7 @@ from training.losses import LossConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_PRESET = "dynamic-kl"
+STAGES = ("image", "distill")
 
 
 class TrainConfigError(ValueError):
@@ -97,6 +98,20 @@ class ValidationConfig:
 
 
 @dataclass
+class DistillConfig:
+    """The `distill` stage (training/distill.py): regress the adapter's context onto the base model's own
+    text-encoder context for the same caption. Captions only: no images, no UNet forward."""
+
+    captions: str = ""  # .txt (one caption per line) / .jsonl (data.caption_column) file or a dataset; "" = data.path
+    cosine_weight: float = 0.1  # loss = per-slot MSE + cosine_weight x (1 - cosine per slot)
+    pooled_weight: float = 1.0  # SDXL: weight of the same loss on the pooled vector
+    cache_teacher: bool = True  # the teacher's contexts per caption on disk, computed once
+    teacher_cache_dir: str = ""  # "" = <output_dir>/teacher_cache
+    start_per_channel: bool = False  # start a fresh adapter at the teacher's per-channel mean and spread (measured: slower)
+    start_captions: int = 512  # captions whose teacher contexts give those statistics (a fixed, seeded sample)
+
+
+@dataclass
 class DebugConfig:
     """Test-only hooks: they exist so the integration tests can reach error paths on tiny models."""
 
@@ -119,6 +134,7 @@ class TrainConfig:
     log_every: int = 10
     max_nonfinite_steps: int = 10  # stop after this many skipped (non-finite loss) steps
     time_phases: bool = True  # per-phase timing (synchronises the GPU at phase boundaries)
+    stage: str = "image"  # "image": diffusion training on images; "distill": captions only (the distill preset)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -127,6 +143,7 @@ class TrainConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     template: TemplateConfig = field(default_factory=TemplateConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,6 +165,14 @@ class TrainConfig:
             raise TrainConfigError(f"data.llm_cache_max_gb must be > 0, got {self.data.llm_cache_max_gb}")
         if self.optim.schedule not in ("constant", "cosine"):
             raise TrainConfigError(f"optim.schedule must be constant or cosine, got {self.optim.schedule!r}")
+        if self.stage not in STAGES:
+            raise TrainConfigError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage == "distill" and self.model.concat_clip:
+            raise TrainConfigError("stage=distill regresses the adapter's own context onto the teacher's; the CLIP-concat "
+                                   "mode appends the teacher's tokens anyway: drop --concat-clip for distillation")
+        if self.distill.cosine_weight < 0 or self.distill.pooled_weight < 0:
+            raise TrainConfigError(f"distill.cosine_weight and distill.pooled_weight must be >= 0, got "
+                                   f"{self.distill.cosine_weight} and {self.distill.pooled_weight}")
         if self.model.attention_backend not in ("sdpa", "xformers"):
             raise TrainConfigError(f"model.attention_backend must be sdpa or xformers, got {self.model.attention_backend!r}")
         self.arch.validate()

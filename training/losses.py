@@ -386,3 +386,24 @@ class DiffusionLoss(nn.Module):
             "weight_mean": float(w.mean()),
         })
         return loss, logs
+
+
+# ----------------------------------------------------------------------------------------
+# Teacher-context distillation (captions only: no images, no UNet).
+# ----------------------------------------------------------------------------------------
+
+def distillation_loss(student: Tensor, teacher: Tensor, cosine_weight: float = 0.1) -> tuple[Tensor, Tensor, Tensor]:
+    """Regress a context onto the teacher's: per-slot MSE plus `cosine_weight` x (1 - cosine per slot).
+
+    student, teacher: [B, N, C] (or [B, C] for a pooled vector). Every slot counts, padding and EOS slots
+    included: the frozen UNet attends to all N of them. Returns (loss, mse, 1 - cosine), each a scalar
+    mean over batch and slots. The MSE fixes each slot's size and offset, the cosine term its direction,
+    which a plain MSE neglects on small-norm slots."""
+    if student.shape != teacher.shape:
+        raise ValueError(f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must have the same shape")
+    if cosine_weight < 0:
+        raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}")
+    s, t = student.float(), teacher.float()
+    mse = (s - t).pow(2).mean()
+    cos_gap = (1 - torch.nn.functional.cosine_similarity(s, t, dim=-1, eps=1e-8)).mean()
+    return mse + cosine_weight * cos_gap, mse.detach(), cos_gap.detach()

@@ -55,13 +55,19 @@ def llm_fingerprint(llm: LoadedLLM) -> str:
     info = dataclasses.asdict(llm.info)
     info.pop("name", None)  # the folder name is informational; the same model under another name is the same
     digest = hashlib.sha256(f"{CACHE_VERSION}|{json.dumps(info, sort_keys=True)}|{llm.dtype}".encode())
-    with torch.no_grad():
-        for name, tensor in sorted(llm.model.state_dict().items()):
-            flat = tensor.detach().flatten()
-            sample = flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)][:SAMPLES_PER_TENSOR]
-            digest.update(f"|{name}|{tuple(tensor.shape)}|{tensor.dtype}|{float(flat.sum(dtype=torch.float64))!r}|".encode())
-            digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
+    weights_digest(digest, llm.model.state_dict())
     return digest.hexdigest()
+
+
+@torch.no_grad()
+def weights_digest(digest, state_dict: dict[str, torch.Tensor]) -> None:
+    """Feed a model's weights into `digest`: per tensor its name, shape, dtype, float64 sum and up to
+    SAMPLES_PER_TENSOR evenly strided values (one pass over memory, not a hash of every byte)."""
+    for name, tensor in sorted(state_dict.items()):
+        flat = tensor.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // SAMPLES_PER_TENSOR)][:SAMPLES_PER_TENSOR]
+        digest.update(f"|{name}|{tuple(tensor.shape)}|{tensor.dtype}|{float(flat.sum(dtype=torch.float64))!r}|".encode())
+        digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
 
 
 class StateCache:

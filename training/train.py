@@ -10,6 +10,9 @@ Two processes on a CPU (what the tests do; `accelerate launch --cpu` starts only
     torchrun --nproc_per_node 2 -m training.train --config my-run.toml
 A preempted job continues exactly where it stopped when rerun with the same command plus:
     --resume latest        (starts fresh, and says so, when there is no checkpoint yet)
+Bootstrap from captions first (no images, no UNet forward: training/distill.py), then train on images from it:
+    python -m training.train --preset distill --data captions.txt ... --output-dir outputs/distill
+    python -m training.train --init-adapter outputs/distill/adapter.safetensors --data datasets/my-images ...
 
 What one step does (docs/design.md sections 2, 4, 5):
     latents (VAE, cached on disk) + noise at a random timestep -> x_t
@@ -325,8 +328,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         if rank == 0:  # one run per output folder; the other ranks of this run share it
             lock = OutputLock.acquire(cfg.output_dir)
-        return train(cfg, rank, world, local_rank, started_from={
-            "preset": args.preset or DEFAULT_PRESET, "config_file": args.config.name if args.config else ""})
+        started_from = {"preset": args.preset or DEFAULT_PRESET, "config_file": args.config.name if args.config else ""}
+        if cfg.stage == "distill":  # captions only (training/distill.py)
+            from training.distill import distill
+
+            return distill(cfg, rank, world, local_rank, started_from=started_from)
+        return train(cfg, rank, world, local_rank, started_from=started_from)
     except (AdapterError, BaseModelError, DatasetError, TrainConfigError, ckpt.CheckpointError, TrainingStopped,
             OutputDirLocked) as err:
         log.error("%s", err)
@@ -409,24 +416,8 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
     ema = EMA(raw.adapter, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     # 4. Resume.
-    step, epoch, position, nonfinite = 0, 0, 0, 0
-    if resume_from is not None:
-        saved = ckpt.load(resume_from)
-        if set(saved["trainable"]) != set(trainable):
-            raise ckpt.CheckpointError(
-                f"{resume_from} holds other trainable weights than this run builds (missing "
-                f"{sorted(set(trainable) - set(saved['trainable']))[:5]}, extra {sorted(set(saved['trainable']) - set(trainable))[:5]}): "
-                "resume with the settings it was written with (its state.json has the config)")
-        with torch.no_grad():
-            for n, p in trainable.items():
-                p.copy_(saved["trainable"][n].to(p.dtype))
-        if ema is not None and saved["ema"] is not None:
-            ema.shadow = {n: t.to(device) for n, t in saved["ema"].items()}
-        optimizer.load_state_dict(saved["optimizer"])
-        state = saved["state"]
-        step, epoch, position, nonfinite = state["step"], state["data_epoch"], state["data_position"], state["nonfinite_steps"]
-        if is_main:
-            print(f"resuming from {resume_from} at step {step} of {cfg.max_steps}", flush=True)
+    step, epoch, position, nonfinite = restore_checkpoint(resume_from, trainable, ema, optimizer, device, is_main,
+                                                          cfg.max_steps)
     total = cfg.max_steps
 
     writer = None
@@ -541,6 +532,30 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
     return 0
 
 
+def restore_checkpoint(resume_from: Optional[Path], trainable: dict, ema: Optional[EMA], optimizer, device, is_main: bool,
+                       max_steps: int) -> tuple[int, int, int, int]:
+    """Load a checkpoint into the trainable weights, EMA and optimizer; returns (step, data epoch, data position,
+    non-finite steps so far), all zero when there is nothing to resume."""
+    if resume_from is None:
+        return 0, 0, 0, 0
+    saved = ckpt.load(resume_from)
+    if set(saved["trainable"]) != set(trainable):
+        raise ckpt.CheckpointError(
+            f"{resume_from} holds other trainable weights than this run builds (missing "
+            f"{sorted(set(trainable) - set(saved['trainable']))[:5]}, extra {sorted(set(saved['trainable']) - set(trainable))[:5]}): "
+            "resume with the settings it was written with (its state.json has the config)")
+    with torch.no_grad():
+        for n, p in trainable.items():
+            p.copy_(saved["trainable"][n].to(p.dtype))
+    if ema is not None and saved["ema"] is not None:
+        ema.shadow = {n: t.to(device) for n, t in saved["ema"].items()}
+    optimizer.load_state_dict(saved["optimizer"])
+    state = saved["state"]
+    if is_main:
+        print(f"resuming from {resume_from} at step {state['step']} of {max_steps}", flush=True)
+    return state["step"], state["data_epoch"], state["data_position"], state["nonfinite_steps"]
+
+
 def run_validation(cfg, base, adapter, llm, dataset, device, writer, step) -> None:
     adapter.eval()
     size = dataset.buckets[dataset.bucket_of[0]]
@@ -573,7 +588,8 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
         os.replace(tmp, out_dir / lora_file)
     training = {
         "steps": step,
-        "loss": dataclasses.asdict(cfg.loss),
+        "stage": cfg.stage,
+        "loss": dataclasses.asdict(cfg.loss) if cfg.stage == "image" else dataclasses.asdict(cfg.distill),
         "dataset": dataset.name,
         "dataset_samples": len(dataset.samples),
         "base_model": base.name,

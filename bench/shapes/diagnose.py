@@ -11,6 +11,8 @@ checkpoint folder (`<run>/checkpoints/step-N`, its EMA weights). Rows, all on th
                 epsilon-MSE is above this row is worse than no prompt at all.
 - each ADAPTER  through the trainer's code path (evaluate.adapter_conditioning)
 
+`R` is the recovered gain (evaluate.recovered_gain): 1 for the teacher, 0 for the empty prompt.
+
 Context statistics (over captions, tokens and channels of the [N, C] cross-attention context):
 `rms` the context's size; `offset rms` the RMS of the per-channel mean (the part every token shares);
 `token std` the spread across the N tokens of one caption (near 0: every token says the same thing).
@@ -69,10 +71,7 @@ def diagnose(assets: Path, adapters: list[Path], triplets: int = 256) -> list[di
     data = ev.make_triplets(base, n=triplets)
     teacher = ev.teacher_conditioning(base)
 
-    def empty_prompt(prompts):
-        return teacher([""] * len(prompts))
-
-    arms = {"teacher": teacher, "empty prompt": empty_prompt}
+    arms = {"teacher": teacher, "empty prompt": ev.empty_conditioning(base)}
     for path in adapters:
         arms[str(path)] = ev.adapter_conditioning(load_any_adapter(path, llm), llm)
     rows = []
@@ -81,6 +80,8 @@ def diagnose(assets: Path, adapters: list[Path], triplets: int = 256) -> list[di
             context, _ = conditioning(data.captions)(torch.full((len(data.captions),), STATS_TIMESTEP))
             rows.append({"name": name, "eps_mse": float(ev.eps_mse(base, conditioning, data).mean()),
                          **context_stats(context)})
+    for row in rows:
+        row["recovered_gain"] = ev.recovered_gain(row["eps_mse"], rows[0]["eps_mse"], rows[1]["eps_mse"])
     return rows
 
 
@@ -100,8 +101,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     torch.set_num_threads(1)
     rows = diagnose(args.assets, args.adapters, args.triplets)
-    print(markdown_table(["conditioning", "val eps-MSE", "rms", "offset rms", "token std"],
-                         [[r["name"], f"{r['eps_mse']:.5f}", f"{r['rms']:.3f}", f"{r['offset_rms']:.3f}",
+    print(markdown_table(["conditioning", "val eps-MSE", "R", "rms", "offset rms", "token std"],
+                         [[r["name"], f"{r['eps_mse']:.5f}", f"{r['recovered_gain']:.3f}", f"{r['rms']:.3f}", f"{r['offset_rms']:.3f}",
                            f"{r['token_std']:.3f}"] for r in rows]))
     return rows
 

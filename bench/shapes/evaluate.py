@@ -10,6 +10,10 @@ study is compared on the same ruler:
 - `eps_mse`: unweighted epsilon-MSE of the frozen UNet under the conditioning, on fixed
   (x0, t, noise) triplets from the val split (x0 = the VAE latents of true renders), t spread evenly over
   0..999. Lower is better; it is what "validation loss" means here, identical for every weighting.
+- `recovered_gain`: R = (L_empty - L_adapter) / (L_empty - L_teacher) from three `eps_mse` means on the same
+  triplets, L_empty being the teacher's loss with the empty prompt (`empty_conditioning`). The frozen UNet's
+  loss moves little between saying nothing and the teacher's best, so R puts an adapter on a 0-to-1 ruler:
+  R = 1 is the teacher's level.
 
 The teacher is the base model's own bag-of-words text encoder; an adapter conditions the same frozen
 UNet from the tiny LM's states. Everything runs on the CPU in fp32.
@@ -26,7 +30,8 @@ import torch
 from .scenes import IMAGE_SIZE, generate
 from .scorer import score
 
-__all__ = ["Triplets", "alignment", "eps_mse", "make_triplets", "adapter_conditioning", "teacher_conditioning"]
+__all__ = ["Triplets", "alignment", "eps_mse", "make_triplets", "adapter_conditioning", "teacher_conditioning",
+           "empty_conditioning", "recovered_gain"]
 
 # conditioning(prompts) -> context_at(t) -> (context [len(prompts), N, C], pooled or None)
 Conditioning = Callable[[list[str]], Callable]
@@ -38,6 +43,24 @@ def teacher_conditioning(base) -> Conditioning:
         context, pooled = base.encode_clip(prompts, "cpu")
         return lambda t: (context, pooled)
     return conditioning
+
+
+def empty_conditioning(base) -> Conditioning:
+    """The teacher on the empty prompt for every caption: a conditioning that says nothing (R = 0)."""
+    teacher = teacher_conditioning(base)
+
+    def conditioning(prompts: list[str]):
+        return teacher([""] * len(prompts))
+    return conditioning
+
+
+def recovered_gain(adapter_loss: float, teacher_loss: float, empty_loss: float) -> float:
+    """R = (L_empty - L_adapter) / (L_empty - L_teacher): the share of the teacher's gain over the empty prompt
+    that a conditioning recovers, on the same validation triplets. 1 = the teacher's loss, 0 = no better than
+    saying nothing, negative = worse than the empty prompt; above 1 = better than the teacher. NaN when the
+    teacher is no better than the empty prompt (an untrained base model, or too few triplets): R is undefined."""
+    gap = empty_loss - teacher_loss
+    return (empty_loss - adapter_loss) / gap if gap > 0 else float("nan")
 
 
 def adapter_conditioning(adapter, llm) -> Conditioning:

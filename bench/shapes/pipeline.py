@@ -19,7 +19,7 @@ from typing import Optional
 
 from .assets import BASE_FOLDER, LM_FOLDER
 
-__all__ = ["SHAPES_CONFIG", "ensure_train_data", "load_checkpoint_adapter", "train_adapter", "train_command"]
+__all__ = ["SHAPES_CONFIG", "ensure_captions", "ensure_train_data", "load_checkpoint_adapter", "train_adapter", "train_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +39,20 @@ def ensure_train_data(folder: str | Path, n: int = TRAIN_IMAGES, seed: int = 0) 
     write_image_folder(folder, generate("train", n, seed))
     (folder / DONE).write_text(f"{n} train scenes, seed {seed}\n", encoding="utf-8")
     return folder
+
+
+def ensure_captions(path: str | Path, n: int = TRAIN_IMAGES, seed: int = 0) -> Path:
+    """The captions of the n train-split scenes ensure_train_data draws, one per line: all the distill stage
+    reads (no images are written)."""
+    from .scenes import generate
+
+    path = Path(path)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(f"{s.caption}\n" for s in generate("train", n, seed)), encoding="utf-8")
+        os.replace(tmp, path)
+    return path
 
 
 def train_command(assets: Path, data: Path, out: Path, preset: str, seed: int, max_steps: Optional[int] = None,

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 TRAINED_ARMS = ("dynamic-kl", "last-layer", "uniform", "min-snr", "kl", "timestep-aware")
 WEIGHTING_ARMS = ("uniform", "min-snr", "kl", "dynamic-kl")
 BASELINE = "min-snr"
+EMPTY = "empty prompt"  # the teacher on "": the zero of the recovered gain R (evaluate.recovered_gain)
 
 
 def _read(path: Path):
@@ -83,11 +84,13 @@ class Study:
                              quiet=True)
 
     def conditioning(self, arm: str, seed: int, step: int):
-        from .evaluate import adapter_conditioning, teacher_conditioning
+        from .evaluate import adapter_conditioning, empty_conditioning, teacher_conditioning
         from .pipeline import load_checkpoint_adapter
 
         if arm == "teacher":
             return teacher_conditioning(self.base)
+        if arm == EMPTY:
+            return empty_conditioning(self.base)
         checkpoint = self.run_dir(arm, seed) / "checkpoints" / f"step-{step:08d}"
         return adapter_conditioning(load_checkpoint_adapter(checkpoint), self.llm)
 
@@ -95,9 +98,9 @@ class Study:
         """{'eps': [per triplet], 'checks': [per prompt] or absent}, computed once and cached."""
         from .evaluate import alignment, eps_mse
 
-        folder = (self.out / "teacher" if arm == "teacher" else self.run_dir(arm, seed)) / "eval"
+        folder = (self.out / "teacher" if arm in ("teacher", EMPTY) else self.run_dir(arm, seed)) / "eval"
         folder.mkdir(parents=True, exist_ok=True)
-        path = folder / f"seed{seed}-step{step:08d}.json"
+        path = folder / (f"seed{seed}-step{step:08d}.json" if arm != EMPTY else f"empty-seed{seed}.json")
         result = _read(path) or {}
         conditioning = None
         if "eps" not in result:
@@ -123,6 +126,7 @@ def _checks_matrix(evals: list[dict], check: str) -> np.ndarray:
 
 
 def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
+    from .evaluate import recovered_gain
     from .stats import mean_ci, paired_ci
 
     steps = list(range(study.every, study.steps + 1, study.every))
@@ -134,9 +138,13 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
     results: dict = {"seeds": seeds, "prompts": len(study.prompts), "steps": study.steps, "every": study.every,
                      "align_every": study.align_every,
                      "final": {}, "comparisons": {}, "curves": {}, "time_to_target": {}}
+    empty_eps = float(np.mean([study.evaluation(EMPTY, s, 0, False)["eps"] for s in seeds]))
+    teacher_eps = float(np.mean([e["eps"] for e in final["teacher"]]))
+    results["empty_prompt_eps_mse"] = empty_eps
     for arm, evals in final.items():
         results["final"][arm] = {c: mean_ci(_checks_matrix(evals, c)) for c in checks}
         results["final"][arm]["eps_mse"] = mean_ci(np.array([e["eps"] for e in evals]))
+        results["final"][arm]["recovered_gain"] = recovered_gain(results["final"][arm]["eps_mse"][0], teacher_eps, empty_eps)
     pairs = [("dynamic-kl", "last-layer"), ("dynamic-kl", "teacher"), ("last-layer", "teacher"),
              ("timestep-aware", "dynamic-kl")]
     for a, b in pairs:
@@ -155,6 +163,7 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
         for step in steps:
             evals = [study.evaluation(arm, s, step, arm in weighting and step in align_steps) for s in seeds]
             curve["eps_mse"].append(float(np.mean([e["eps"] for e in evals])))
+            curve.setdefault("recovered_gain", []).append(recovered_gain(curve["eps_mse"][-1], teacher_eps, empty_eps))
             if arm in weighting and step in align_steps:
                 curve["overall"].append(float(np.mean(_checks_matrix(evals, "overall"))))
         results["curves"][arm] = curve
@@ -179,12 +188,15 @@ def results_markdown(results: dict) -> str:
     fmt = lambda m, c="": f"{m[0]:.{digits(c)}f} [{m[1]:.{digits(c)}f}, {m[2]:.{digits(c)}f}]"  # noqa: E731
     dfmt = lambda m, c="": f"{m[0]:+.{digits(c)}f} [{m[1]:+.{digits(c)}f}, {m[2]:+.{digits(c)}f}]"  # noqa: E731
     arms = list(results["final"])
-    checks = [c for c in results["final"]["teacher"] if c != "eps_mse"]
+    checks = [c for c in results["final"]["teacher"] if c not in ("eps_mse", "recovered_gain")]
     out = [f"Seeds {results['seeds']}, {results['prompts']} held-out prompts, {results['steps']} adapter steps, "
            f"checkpoints every {results['every']} steps (alignment every {results.get('align_every', results['every'])}). "
            "Mean [95% paired bootstrap CI over prompts and seeds].", "",
            "### Final alignment (accuracy per check) and validation epsilon-MSE", "",
-           markdown_table(["check", *arms], [[c, *(fmt(results["final"][a][c], c) for a in arms)] for c in [*checks, "eps_mse"]])]
+           markdown_table(["check", *arms], [[c, *(fmt(results["final"][a][c], c) for a in arms)] for c in [*checks, "eps_mse"]]
+                          + [["R (recovered gain)", *(f"{results['final'][a]['recovered_gain']:.3f}" for a in arms)]]),
+           "", f"R = (L_empty - L_arm) / (L_empty - L_teacher) on the seed-mean validation epsilon-MSE; the empty "
+           f"prompt's: {results['empty_prompt_eps_mse']:.5f}."]
     if results["comparisons"]:
         names = list(results["comparisons"])
         out += ["", "### Differences", "", markdown_table(
@@ -193,9 +205,9 @@ def results_markdown(results: dict) -> str:
         curves = results["curves"]
         teacher = results["final"]["teacher"]["eps_mse"][0]
         steps = next(iter(curves.values()))["step"]
-        out += ["", f"### Validation epsilon-MSE at each checkpoint (seed mean; the teacher: {teacher:.5f})", "",
-                markdown_table(["step", *curves], [[str(st), *(f"{curves[a]['eps_mse'][i]:.5f}" for a in curves)]
-                                                   for i, st in enumerate(steps)])]
+        out += ["", f"### Validation epsilon-MSE (and R) at each checkpoint (seed mean; the teacher: {teacher:.5f})", "",
+                markdown_table(["step", *curves], [[str(st), *(f"{curves[a]['eps_mse'][i]:.5f} ({curves[a]['recovered_gain'][i]:.2f})"
+                                                               for a in curves)] for i, st in enumerate(steps)])]
     if results["time_to_target"]:
         t = results["target"]
         rows = []

@@ -7,6 +7,7 @@ teacher and the adapter -> the scorer -> the files each command promises.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -36,7 +37,7 @@ def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
 def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets, tmp_path):
     out = tmp_path / "demo"
     result = _run(["-m", "bench.demo", "--quick", "--assets", str(quick_assets), "--out", str(out), "--steps", "3",
-                   "--prompts", "6", "--sampler-steps", "2"], tmp_path)
+                   "--distill-steps", "3", "--prompts", "6", "--sampler-steps", "2"], tmp_path)
     assert f"outputs in {out.resolve()}" in result.stdout
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["prompts"] == 6 and set(metrics["arms"]) == {"teacher (bag of words)", "adapter (tiny LM, all layers)"}
@@ -46,6 +47,12 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
     run = Path(metrics["adapter_run"])
     assert (run / "adapter.safetensors").is_file() and "--preset dynamic-kl" in (run / "train.log").read_text() or \
         json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["config"]["loss"]["teacher_schedule"] == "cosine"
+    # distillation first (captions only), then the image stage from its adapter
+    distilled = [p for p in (tmp_path / "cache" / "shapes").iterdir() if p.name.startswith("demo-distill-")]
+    assert len(distilled) == 1 and (distilled[0] / "adapter.safetensors").is_file()
+    state = json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())
+    assert state["config"]["model"]["init_adapter"] == str(distilled[0] / "adapter.safetensors")
+    assert isinstance(metrics["recovered_gain"], float) and "recovered gain" in (out / "report.md").read_text()
     grid = Image.open(out / "samples.png")
     assert grid.width > 4 * 2 * 64  # four prompt cells per row, teacher and adapter side by side
     report = (out / "report.md").read_text()
@@ -53,7 +60,7 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
 
     # a second run reuses the trained adapter instead of training again
     again = _run(["-m", "bench.demo", "--quick", "--assets", str(quick_assets), "--out", str(out), "--steps", "3",
-                  "--prompts", "6", "--sampler-steps", "2"], tmp_path)
+                  "--distill-steps", "3", "--prompts", "6", "--sampler-steps", "2"], tmp_path)
     assert "train:" not in again.stderr
 
 
@@ -82,7 +89,11 @@ def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets,
                       str(run / "checkpoints" / "step-00000001")], tmp_path).stdout
     rows = [line.split("|")[1:-1] for line in diagnosis.splitlines() if line.startswith("| ") and "conditioning" not in line]
     assert [r[0].strip() for r in rows] == ["teacher", "empty prompt", str(run), str(run / "checkpoints" / "step-00000001")]
-    assert all(float(value) >= 0 for r in rows for value in r[1:])
+    # eps-MSE and the context statistics are non-negative; R (column 3) is any number, NaN when the untrained
+    # teacher is no better than the empty prompt, and exactly 1 for the teacher itself whenever it is defined
+    assert all(float(value) >= 0 for r in rows for value in [r[1], *r[3:]])
+    gains = [float(r[2]) for r in rows]
+    assert (math.isnan(gains[0]) and all(math.isnan(g) for g in gains)) or (gains[0] == 1.0 and gains[1] == 0.0)
     (tmp_path / "not-a-run").mkdir()
     refused = subprocess.run([sys.executable, "-m", "bench.shapes.diagnose", "--assets", str(quick_assets), str(tmp_path / "not-a-run")],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)

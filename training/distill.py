@@ -1,0 +1,351 @@
+"""The `distill` stage: teach the adapter the base model's own language from captions alone.
+
+    python -m training.train --preset distill --base-model models/sd15-diffusers --llm models/LLM/Qwen2.5-1.5B \\
+        --data captions.txt --output-dir outputs/qwen-sd15-distill
+    python -m training.train --preset dynamic-kl --init-adapter outputs/qwen-sd15-distill/adapter.safetensors \\
+        --base-model ... --llm ... --data datasets/my-images --output-dir outputs/qwen-sd15
+
+What one step does:
+    captions (5% replaced by the empty prompt) -> template -> frozen LLM -> adapter -> context [B, N, C] (+ pooled)
+    the same captions -> the base model's own text encoder(s) -> teacher context (+ pooled), cached on disk
+    loss = per-slot MSE + distill.cosine_weight x (1 - cosine per slot), over all N slots (training/losses.py)
+No image is read and the UNet never runs, so a step costs a few LLM and adapter forwards: minutes of text-only
+training put a fresh adapter where the frozen UNet already understands it, before the image stage refines it.
+The empty prompt maps to the teacher's empty-prompt context, which classifier-free guidance subtracts.
+
+Captions come from `distill.captions` (or `--data` when that is empty): a `.txt` file with one caption per line,
+a `.jsonl` file with one JSON object per line (key `data.caption_column`), or any dataset the image stage reads
+(image folder with .txt captions, a folder with metadata.jsonl, .tar shards), of which only the captions are used.
+Checkpoints, `--resume latest`, EMA and the exported `adapter.safetensors` work as in the image stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from adapter import encode_prompts, load_llm
+from training import checkpoint as ckpt
+from training.config import TrainConfig, TrainConfigError
+from training.distributed import end_run
+from training.data import DatasetError, _decode_caption, _folder_candidates, _jsonl_candidates, _shard_paths, _tar_candidates, epoch_batches
+from training.latent_cache import TensorStore
+from training.losses import distillation_loss
+from training.models import BaseModel, BaseModelError, load_base_model
+from training.state_cache import StateCache, distinct_captions, weights_digest
+
+log = logging.getLogger("training.distill")
+
+TEACHER_CACHE_VERSION = "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# captions
+
+
+@dataclass
+class CaptionSet:
+    """The captions of a caption source, repeats kept: a caption that is frequent in the data is frequent in
+    training, as in the image stage. `samples` and `name` are what the exported provenance records."""
+
+    samples: list[str]
+    name: str
+
+
+def read_captions(path: str, caption_column: str = "text", name: str = "") -> CaptionSet:
+    """The non-empty captions (stripped, repeats kept, in source order) of a .txt / .jsonl caption file or the
+    caption column of a dataset.
+
+    Blank captions are dropped: the empty prompt is trained through caption dropout (data.caption_dropout),
+    at the rate the run asks for, not at whatever rate a file happens to contain it."""
+    if not path:
+        raise DatasetError("no captions given: pass --data <captions.txt | captions.jsonl | dataset> "
+                           "(or --set distill.captions=...)")
+    source = Path(path)
+    skipped: list[str] = []
+    if source.is_file() and source.suffix == ".txt":
+        captions = [text for number, raw in enumerate(source.read_bytes().splitlines(), 1)
+                    if (text := _decode_caption(raw, f"{source.name} line {number}", skipped)) is not None]
+    elif source.is_file() and source.suffix == ".jsonl":
+        captions = []
+        for number, raw in enumerate(source.read_bytes().splitlines(), 1):
+            line = _decode_caption(raw, f"{source.name} line {number}", skipped)
+            if line is None or not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                captions.append(str(row[caption_column]))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise DatasetError(f"{source} line {number}: expected a JSON object with a {caption_column!r} key "
+                                   f"({type(err).__name__}: {err}); set data.caption_column") from None
+    elif source.is_dir() and (source / "metadata.jsonl").is_file():
+        captions = [c for _, c, _, _ in _jsonl_candidates(source, "file_name", caption_column, skipped)]
+    elif _shard_paths(path):
+        captions = [c for _, c, _, _ in _tar_candidates(_shard_paths(path), skipped)]
+    elif source.is_dir():
+        captions = [c for _, c, _, _ in _folder_candidates(source, skipped)]
+    else:
+        raise DatasetError(f"caption source {path} does not exist: pass a .txt file (one caption per line), a .jsonl "
+                           "file, an image folder with .txt captions, a folder with metadata.jsonl, or .tar shards")
+    kept = [c.strip() for c in captions if c.strip()]
+    if not kept:
+        raise DatasetError(f"{path} holds no non-empty captions" + (f" ({'; '.join(skipped[:5])})" if skipped else ""))
+    if skipped:
+        log.warning("skipped %d caption(s): %s", len(skipped), "; ".join(skipped[:20]))
+    log.info("captions: %d (%d distinct) from %s", len(kept), len(set(kept)), path)
+    return CaptionSet(kept, name or source.stem or source.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# the teacher's contexts
+
+
+def teacher_fingerprint(base: BaseModel) -> str:
+    """sha256 over the text encoders' weights and the tokenizers' vocabularies: other weights or another
+    tokenizer mean other contexts, so a cache entry can never be served stale."""
+    digest = hashlib.sha256(f"teacher|{TEACHER_CACHE_VERSION}|{base.family}".encode())
+    for encoder, tokenizer in zip(base.text_encoders, base.tokenizers):
+        weights_digest(digest, encoder.state_dict())
+        digest.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    return digest.hexdigest()
+
+
+class TeacherContexts:
+    """The base model's own conditioning per caption: computed by `BaseModel.encode_clip` (the same call the
+    image stage's teacher uses), kept on disk per caption when `folder` is given, else computed per batch."""
+
+    def __init__(self, base: BaseModel, device, folder: Optional[Path] = None):
+        if not base.text_encoders:
+            raise BaseModelError(f"{base.name} has no text encoder: distillation needs the base model's own "
+                                 "text encoder as the teacher")
+        self.base, self.device = base, device
+        self.store = TensorStore(folder) if folder is not None else None
+        self.prefix = teacher_fingerprint(base) + "|" if folder is not None else ""
+
+    def key(self, caption: str) -> str:
+        return hashlib.sha256((self.prefix + caption).encode("utf-8")).hexdigest()
+
+    def _compute(self, captions: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        context, pooled = self.base.encode_clip(captions, self.device)
+        return context.float(), None if pooled is None else pooled.float()
+
+    def fill(self, captions: list[str], batch_size: int) -> None:
+        """Compute and store every caption of `captions` that has no entry yet (no-op without a cache)."""
+        if self.store is None:
+            return
+        missing = [c for c in captions if not self.store.path(self.key(c)).is_file()]
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            context, pooled = self._compute(chunk)
+            for i, caption in enumerate(chunk):
+                entry = {"context": context[i]}
+                if pooled is not None:
+                    entry["pooled"] = pooled[i]
+                self.store.put(self.key(caption), entry)
+        if missing:
+            log.info("teacher-context cache: computed %d of %d captions into %s", len(missing), len(captions),
+                     self.store.folder)
+
+    def get(self, prompts: list[str]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(context [B, N, C], pooled [B, P] or None) in fp32 on the device, for `prompts` ("" included)."""
+        if self.store is None:
+            return self._compute(prompts)
+        entries = [self.store.get(self.key(p)) for p in prompts]
+        if any(e is None for e in entries):  # e.g. written on a disk this node cannot see
+            self.fill([p for p, e in zip(prompts, entries) if e is None], len(prompts))
+            entries = [self.store.get(self.key(p)) for p in prompts]
+        context = torch.stack([e["context"] for e in entries]).to(self.device)
+        pooled = torch.stack([e["pooled"] for e in entries]).to(self.device) if "pooled" in entries[0] else None
+        return context, pooled
+
+
+@torch.no_grad()
+def start_from_teacher(adapter, teacher: TeacherContexts, captions: list[str], count: int, seed: int,
+                       batch_size: int) -> None:
+    """Start a fresh adapter's output at the teacher's per-channel statistics (LLMDiffAdapter.start_at) over a
+    seeded sample of `count` captions plus the empty prompt, so every channel begins where the UNet reads it."""
+    pick = torch.randperm(len(captions), generator=torch.Generator().manual_seed(seed))[:max(1, count)].tolist()
+    sample = [captions[i] for i in pick] + [""]
+    parts = [teacher.get(sample[i:i + batch_size]) for i in range(0, len(sample), batch_size)]
+    context = torch.cat([c for c, _ in parts]).cpu()
+    pooled = torch.cat([p for _, p in parts]).cpu() if parts[0][1] is not None else None
+    adapter.start_at(context, pooled, per_channel=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stage
+
+
+class Distiller(nn.Module):
+    """The adapter and the distillation forward: the one module accelerate wraps (the LLM and the teacher stay outside)."""
+
+    def __init__(self, adapter: nn.Module, cosine_weight: float, pooled_weight: float):
+        super().__init__()
+        self.adapter = adapter
+        self.cosine_weight, self.pooled_weight = cosine_weight, pooled_weight
+
+    def forward(self, hidden_states, attention_mask, timesteps, teacher_context, teacher_pooled):
+        out = self.adapter(hidden_states, attention_mask, timesteps)
+        loss, mse, cos_gap = distillation_loss(out.context, teacher_context, self.cosine_weight)
+        logs = {"distill/context_mse": float(mse), "distill/context_1_minus_cos": float(cos_gap)}
+        if teacher_pooled is not None and out.pooled is not None:
+            pooled_loss, pooled_mse, _ = distillation_loss(out.pooled, teacher_pooled, self.cosine_weight)
+            loss = loss + self.pooled_weight * pooled_loss
+            logs["distill/pooled_mse"] = float(pooled_mse)
+        logs["loss/total"] = float(loss.detach())
+        return loss, logs
+
+
+def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from: Optional[dict] = None) -> int:
+    """Run the distill stage (stage = "distill"); the same setup, checkpoints, export and end of run as the image stage.
+    `started_from` ({'preset', 'config_file'}) is recorded in the exported file."""
+    from training.train import (DTYPES, EMA, PhaseTimer, TrainingStopped, build_adapter, export, lr_factor,
+                                restore_checkpoint, step_generator, write_timings)
+
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    weight_dtype = DTYPES[cfg.mixed_precision] if device.type == "cuda" else torch.float32
+    out_dir = Path(cfg.output_dir)
+    resume_from = ckpt.resolve_resume(cfg.resume, out_dir)
+    if cfg.resume == "latest" and resume_from is None and rank == 0:
+        print(f"--resume latest: no checkpoint in {ckpt.checkpoints_dir(out_dir)} yet, starting fresh", flush=True)
+
+    # 1. Models: the base model is loaded for its text encoders (the teacher) and to check the adapter fits it.
+    base = load_base_model(cfg.model.base_model, cfg.model.base_model_config, cfg.model.family, device, weight_dtype)
+    if not cfg.model.llm:
+        raise TrainConfigError("no LLM given: pass --llm <Hugging Face-format LLM folder>")
+    llm_dtype = weight_dtype if cfg.model.llm_dtype == "auto" else DTYPES[cfg.model.llm_dtype]
+    llm = load_llm(cfg.model.llm, dtype=llm_dtype, device=device)
+    adapter = build_adapter(cfg, llm, base).to(device)
+    template = adapter.config.template
+
+    # 2. Captions and the caches (each process its share, no communication yet).
+    captions = read_captions(cfg.distill.captions or cfg.data.path, cfg.data.caption_column, cfg.data.name)
+    everything = distinct_captions(captions.samples)  # plus "", caption dropout's empty prompt
+    folder = Path(cfg.distill.teacher_cache_dir or out_dir / "teacher_cache") if cfg.distill.cache_teacher else None
+    teacher = TeacherContexts(base, device, folder)
+    teacher.fill(everything[rank::world], cfg.batch_size)
+    llm_states = None
+    if cfg.data.cache_llm_states:
+        llm_states = StateCache(Path(cfg.data.llm_cache_dir or out_dir / "llm_state_cache"), llm, template)
+        llm_states.check_budget(everything, cfg.data.llm_cache_max_gb)
+        llm_states.fill(everything[rank::world], cfg.batch_size)
+
+    # 3. Multi-process communication starts here.
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision if device.type == "cuda" else "no", cpu=device.type == "cpu")
+    is_main = accelerator.is_main_process
+    accelerator.wait_for_everyone()
+    teacher.fill(everything, cfg.batch_size)
+    if llm_states is not None:
+        llm_states.fill(everything, cfg.batch_size)
+    if cfg.distill.start_per_channel and not cfg.model.init_adapter and resume_from is None:
+        start_from_teacher(adapter, teacher, captions.samples, cfg.distill.start_captions, cfg.seed, cfg.batch_size)
+
+    timer = PhaseTimer(device, cfg.time_phases)
+    model = Distiller(adapter, cfg.distill.cosine_weight, cfg.distill.pooled_weight)
+    optimizer = torch.optim.AdamW([{"params": list(adapter.parameters()), "lr": cfg.optim.lr,
+                                    "weight_decay": cfg.optim.weight_decay, "name": "adapter"}],
+                                  betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    raw = accelerator.unwrap_model(model)
+    trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
+    ema = EMA(raw.adapter, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    step, epoch, position, nonfinite = restore_checkpoint(resume_from, trainable, ema, optimizer, device, is_main, cfg.max_steps)
+    total = cfg.max_steps
+    num_timesteps = int(base.scheduler.config.num_train_timesteps)
+
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(log_dir=str(out_dir / "logs"))
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, disable=not is_main, desc="distill", dynamic_ncols=True)
+    order = [0] * len(captions.samples)  # one bucket: captions have no shape
+    batches = epoch_batches(order, cfg.batch_size, cfg.seed, epoch, accelerator.process_index, accelerator.num_processes)
+    step_times: list[float] = []
+    step_cpu_times: list[float] = []
+    run_start = time.perf_counter()
+    while step < total:
+        t_step, cpu_step = time.perf_counter(), time.process_time()
+        with timer("data"):
+            if position >= len(batches):
+                epoch, position = epoch + 1, 0
+                batches = epoch_batches(order, cfg.batch_size, cfg.seed, epoch, accelerator.process_index,
+                                        accelerator.num_processes)
+            chosen = [captions.samples[i] for i in batches[position]]
+            position += 1
+            gen = step_generator(cfg.seed, step, accelerator.process_index)
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # adapter dropout, if any
+            drop = (torch.rand(len(chosen), generator=gen) < cfg.data.caption_dropout).tolist()
+            prompts = ["" if d else c for d, c in zip(drop, chosen)]  # "" -> the teacher's empty-prompt context
+            # a timestep-aware adapter learns the teacher's (timestep-free) context at every t; a static one ignores t
+            timesteps = torch.randint(0, num_timesteps, (len(prompts),), generator=gen).to(device)
+        with timer("teacher"):
+            teacher_context, teacher_pooled = teacher.get(prompts)
+        with timer("llm"), torch.no_grad():
+            encoded = llm_states.encode(prompts) if llm_states is not None else encode_prompts(llm, template, prompts)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.optim.lr * lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule)
+        with timer("student"):
+            loss, logs = model(encoded.hidden_states, encoded.attention_mask, timesteps, teacher_context, teacher_pooled)
+            accelerator.backward(loss)
+        with timer("optimizer"):
+            grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), cfg.optim.grad_clip or float("inf"))
+            losses = accelerator.gather(loss.detach().float().reshape(1))
+            finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
+            if finite:
+                optimizer.step()
+                if ema is not None:
+                    ema.update(raw.adapter, step)
+            optimizer.zero_grad(set_to_none=True)
+        if not finite:
+            nonfinite += 1
+            log.warning("step %d: non-finite distillation loss/gradient, step skipped (%d of at most %d)", step,
+                        nonfinite, cfg.max_nonfinite_steps)
+            if nonfinite > cfg.max_nonfinite_steps:
+                raise TrainingStopped(f"stopping at step {step}: {nonfinite} steps had a non-finite loss or gradient "
+                                      f"(limit max_nonfinite_steps={cfg.max_nonfinite_steps}); lower optim.lr")
+        step += 1
+        step_times.append(time.perf_counter() - t_step)
+        step_cpu_times.append(time.process_time() - cpu_step)
+        mean_loss = float(losses.mean())
+        if is_main:
+            bar.set_postfix(loss=f"{mean_loss:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                for key, value in logs.items():
+                    writer.add_scalar(key, value, step)
+                writer.add_scalar("loss/mean_over_ranks", mean_loss, step)
+                writer.add_scalar("grad_norm", float(grad_norm), step)
+                writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)
+        if step % cfg.checkpoint_every == 0 or step == total or step == cfg.debug.stop_after_step:
+            accelerator.wait_for_everyone()
+            if is_main:
+                state = {"step": step, "data_epoch": epoch, "data_position": position, "nonfinite_steps": nonfinite,
+                         "config": cfg.to_dict(), "adapter_config": raw.adapter.config.to_dict()}
+                ckpt.save(out_dir, step, trainable, ema.shadow if ema else None, optimizer.state_dict(), state,
+                          cfg.checkpoints_keep)
+            accelerator.wait_for_everyone()
+        if step == cfg.debug.stop_after_step:
+            log.warning("debug.stop_after_step=%d reached: exiting as if preempted", step)
+            bar.close()
+            end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)
+            return 3
+    bar.close()
+    accelerator.wait_for_everyone()
+    if is_main:
+        export(cfg, raw, ema, base, captions, step, out_dir, started_from)
+        write_timings(timer, step_times, step_cpu_times, time.perf_counter() - run_start, out_dir)
+        writer.close()
+    end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)  # as in the image stage
+    return 0
