@@ -176,13 +176,13 @@ def lm_reader(folder: Path, layers: str) -> tuple[Reader, object]:
 
 
 def probe_reader(reader: Reader, tokenizer, train: list[tuple[str, list]], test: list[tuple[str, list]],
-                 heldout_pairs: frozenset, seed: int = 0) -> dict:
+                 heldout_pairs: frozenset, seed: int = 0, l2: float = 1e-3) -> dict:
     """Fit on `train`, score on `test` (all objects, and the held-out colour-shape pairs), plus the shuffled control."""
     from .captions import COLOURS
 
     x_train, y_train, _ = features(reader, tokenizer, train)
     x_test, y_test, pairs = features(reader, tokenizer, test)
-    probe = fit_probe(x_train, y_train, len(COLOURS))
+    probe = fit_probe(x_train, y_train, len(COLOURS), l2)
     novel = torch.tensor([p in heldout_pairs for p in pairs])
     shuffled = y_train[torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))]
     return {"dims": int(x_train.shape[1]), "train_objects": len(y_train), "test_objects": len(y_test),
@@ -190,7 +190,7 @@ def probe_reader(reader: Reader, tokenizer, train: list[tuple[str, list]], test:
             "train_accuracy": probe.accuracy(x_train, y_train),
             "test_accuracy": probe.accuracy(x_test, y_test),
             "heldout_pair_accuracy": probe.accuracy(x_test[novel], y_test[novel]),
-            "shuffled_control": fit_probe(x_train, shuffled, len(COLOURS)).accuracy(x_test, y_test)}
+            "shuffled_control": fit_probe(x_train, shuffled, len(COLOURS), l2).accuracy(x_test, y_test)}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -202,8 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train", type=int, default=2000, help="train-split scenes to draw (two-object ones are used)")
     parser.add_argument("--test", type=int, default=500, help="held-out-split scenes to draw")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the probe's weights (standardised features)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     args = parser.parse_args(argv)
+    if args.l2 < 0:
+        parser.error(f"--l2 must be non-negative, got {args.l2}")
     if args.train < 1 or args.test < 1:
         parser.error(f"--train and --test must be at least 1, got {args.train} and {args.test}")
     needs_assets = bool(args.readers)
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name, make in readers.items():
         read, tokenizer = make()
-        results[name] = probe_reader(read, tokenizer, train, test, HELDOUT.colour_shapes, args.seed)
+        results[name] = probe_reader(read, tokenizer, train, test, HELDOUT.colour_shapes, args.seed, args.l2)
         logger.info("%s: %s", name, results[name])
     table = markdown_table(
         ["reader", "dims", "held-out objects", "held-out pairs only", "shuffled control", "train"],

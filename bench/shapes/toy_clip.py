@@ -101,6 +101,8 @@ def _converse_relation(caption: str, relation: str) -> str:
     padded = f" {caption} "
     for word in sorted(RELATION_WORDS[relation], key=len, reverse=True):  # "to the left of" before "left of"
         if f" {word} " in padded:
+            # the converse's synonym of the same rank keeps the register ("over" -> "under"); "beneath" has no
+            # third counterpart in "above"/"over", so it takes the last one
             index = RELATION_WORDS[relation].index(word)
             words = RELATION_WORDS[CONVERSE[relation]]
             return padded.replace(f" {word} ", f" {words[min(index, len(words) - 1)]} ", 1).strip()
