@@ -196,7 +196,8 @@ def probe_reader(reader: Reader, tokenizer, train: list[tuple[str, list]], test:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.shapes.probe", description=__doc__.split("\n\n")[0])
     parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
-    parser.add_argument("--readers", nargs="+", default=["lm-all", "lm-last", "base"], choices=READERS[:3])
+    parser.add_argument("--readers", nargs="*", default=["lm-all", "lm-last", "base"], choices=READERS[:3],
+                        help="built-in readers (none: only the --toy-clip folders)")
     parser.add_argument("--toy-clip", type=Path, action="append", default=[],
                         help="a toy CLIP folder (bench.shapes.toy_clip); repeat to compare several")
     parser.add_argument("--train", type=int, default=2000, help="train-split scenes to draw (two-object ones are used)")
@@ -205,6 +206,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the probe's weights (standardised features)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     args = parser.parse_args(argv)
+    if not args.readers and not args.toy_clip:
+        parser.error("nothing to probe: give --readers and/or --toy-clip FOLDER")
     if args.l2 < 0:
         parser.error(f"--l2 must be non-negative, got {args.l2}")
     if args.train < 1 or args.test < 1:
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
          for n, r in results.items()])
     text = (f"Colour of each object from the state at its noun, {results[next(iter(results))]['train_objects']} "
             f"train objects, {results[next(iter(results))]['test_objects']} held-out objects (chance 1/6 = 0.167).\n\n"
-            + table + "\n") if results else "no readers\n"
+            + table + "\n")
     print(text)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -76,3 +76,18 @@ def test_a_bag_of_words_noun_state_is_the_same_whatever_its_colour(clip_tokenize
     assert y.tolist() != [y[0]] * 4
     torch.testing.assert_close(x[0], x[2])  # circle: red or blue, one state
     torch.testing.assert_close(x[1], x[3])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--readers"], "nothing to probe"),
+    (["--l2", "-1"], "--l2 must be non-negative"),
+    (["--test", "0"], "--test must be at least 1"),
+    (["--readers", "--toy-clip", "{tmp}"], "is not a toy CLIP folder"),
+    (["--assets", "{tmp}"], "make shapes-assets"),
+])
+def test_the_command_refuses_bad_arguments_with_what_to_do(tmp_path, capsys, argv, message):
+    from bench.shapes.probe import main
+
+    with pytest.raises(SystemExit):
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert message in capsys.readouterr().err
