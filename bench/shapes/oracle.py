@@ -77,13 +77,9 @@ def oracle_captions(n: int, kinds: tuple[str, ...] = TWO_OBJECT_KINDS, seed: int
     while True:
         try:
             prompts = heldout_prompts(pool, seed)
-        except ValueError:  # fewer distinct specs than asked for: take what the split has
-            prompts = heldout_prompts(pool // 2, seed)
-            chosen = [p for p in prompts if parse_caption(p).kind in kinds]
-            if len(chosen) < n:
-                raise ValueError(f"the held-out split has only {len(chosen)} distinct {'/'.join(kinds)} captions; "
-                                 f"ask for at most that many") from None
-            return chosen[:n]
+        except ValueError:
+            raise ValueError(f"the held-out split has fewer than {n} distinct {'/'.join(kinds)} captions; "
+                             f"ask for fewer with --captions") from None
         chosen = [p for p in prompts if parse_caption(p).kind in kinds]
         if len(chosen) >= n:
             return chosen[:n]
