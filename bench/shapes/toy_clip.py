@@ -215,6 +215,7 @@ def evaluate(model: ToyClip, tokenizer, samples) -> dict:
     """Retrieval top-1 (image -> its caption among the set) and binding discrimination against hard negatives."""
     from .tiny_base import tokenize
 
+    was_training = model.training
     model.eval()
     image = model.encode_image(_pixels(samples))
     text = model.encode_text(tokenize(tokenizer, [s.caption for s in samples]))
@@ -224,7 +225,7 @@ def evaluate(model: ToyClip, tokenizer, samples) -> dict:
         for kind, twin in twins(s.caption).items():
             twin_text = model.encode_text(tokenize(tokenizer, [twin]))[0]
             wins[kind].append(float(image[i] @ text[i] > image[i] @ twin_text))
-    model.train()
+    model.train(was_training)
     return {"retrieval_top1": retrieval, "n": len(samples),
             **{f"binding_{k}": (float(np.mean(v)) if v else None) for k, v in wins.items()},
             **{f"binding_{k}_n": len(v) for k, v in wins.items()},
