@@ -14,6 +14,9 @@ Then teacher and oracle contexts are sampled with the benchmark's own sampler (e
 guidance against the teacher's empty prompt) from the same noise, `--samples` images per caption, and
 scored by the exact scorer. Each caption's score is its mean over its samples; the table gives per check
 the teacher, the oracle and oracle - teacher with percentile-bootstrap 95% CIs over captions (stats.py).
+A check that applies to some captions only (relation) is averaged over those. Written to --out:
+results.md, results.json (per-caption values included) and contexts.safetensors (the optimised contexts
+[captions, 77, C], in the order of results.json's captions).
 No adapter can beat this bound on this UNet, since an adapter only produces a context; where the bound is
 near the teacher, the UNet itself (what it learnt to read) caps the score, not the text side.
 """
@@ -138,13 +141,14 @@ def optimise_contexts(base, start: torch.Tensor, latents: torch.Tensor, steps: i
 
 
 def _per_caption(checks: list[dict[str, bool]], n: int) -> dict[str, np.ndarray]:
-    """{check: [1, n] per-caption means over samples}; sample k of caption i is checks[k * n + i]."""
+    """{check: [1, captions it applies to] per-caption means over samples}; sample k of caption i is
+    checks[k * n + i]. Whether a check applies depends on the caption only (the scorer's rules), so both
+    arms keep the same captions and stay paired."""
     names = sorted({k for c in checks for k in c}, key=lambda k: (k == "overall", k))
     out = {}
     for name in names:
         per = [[c[name] for c in checks[i::n] if name in c] for i in range(n)]
-        if all(per):
-            out[name] = np.array([[float(np.mean(p)) for p in per]])
+        out[name] = np.array([[float(np.mean(p)) for p in per if p]])
     return out
 
 
@@ -197,6 +201,7 @@ def run_oracle(base, config: OracleConfig) -> dict:
         "oracle": {k: mean_ci(per_arm["oracle"][k]) for k in names},
         "oracle_minus_teacher": {k: paired_ci(per_arm["oracle"][k], per_arm["teacher"][k]) for k in names},
         "per_caption": {arm: {k: v[0].tolist() for k, v in checks.items()} for arm, checks in per_arm.items()},
+        "contexts": oracle_context.contiguous(),  # [captions, T, C], in caption order; main() saves it
     }
 
 
@@ -205,8 +210,8 @@ def results_markdown(result: dict) -> str:
 
     cfg = result["config"]
     fmt = lambda m, sign="": f"{m[0]:{sign}.3f} [{m[1]:{sign}.3f}, {m[2]:{sign}.3f}]"  # noqa: E731
-    rows = [[k, fmt(result["teacher"][k]), fmt(result["oracle"][k]), fmt(result["oracle_minus_teacher"][k], "+")]
-            for k in result["teacher"]]
+    rows = [[k, len(result["per_caption"]["teacher"][k]), fmt(result["teacher"][k]), fmt(result["oracle"][k]),
+             fmt(result["oracle_minus_teacher"][k], "+")] for k in result["teacher"]]
     eps = result["eps_mse_fixed_batch"]
     return "\n".join([
         f"{cfg['captions']} held-out {'/'.join(cfg['kinds'])} captions x {cfg['samples']} samples (DDIM "
@@ -214,7 +219,7 @@ def results_markdown(result: dict) -> str:
         f"(Adam lr {cfg['lr']}, batch {cfg['batch']} of {cfg['renders']} renders per caption) in "
         f"{result['optimise_seconds']:.0f} s. Mean [95% bootstrap CI over captions].", "",
         f"eps-MSE on a fixed held-aside batch: teacher {eps['teacher']:.5f}, oracle {eps['oracle']:.5f}", "",
-        markdown_table(["check", "teacher", "oracle", "oracle - teacher"], rows)]) + "\n"
+        markdown_table(["check", "captions", "teacher", "oracle", "oracle - teacher"], rows)]) + "\n"
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -252,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
     base = load_base_model(str(args.assets / BASE_FOLDER))
     result = run_oracle(base, config)
     args.out.mkdir(parents=True, exist_ok=True)
+    from safetensors.torch import save_file
+
+    save_file({"oracle": result.pop("contexts")}, str(args.out / "contexts.safetensors"))
     (args.out / "results.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
     text = results_markdown(result)
     (args.out / "results.md").write_text(text, encoding="utf-8")
