@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -203,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train", type=int, default=2000, help="train-split scenes to draw (two-object ones are used)")
     parser.add_argument("--test", type=int, default=500, help="held-out-split scenes to draw")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--l2", type=float, default=1e-3, help="L2 penalty on the probe's weights (standardised features)")
+    parser.add_argument("--l2", type=float, default=1e-3,
+                        help="L2 penalty on the probe's weights (standardised features)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     args = parser.parse_args(argv)
     if not args.readers and not args.toy_clip:

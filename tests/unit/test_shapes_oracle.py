@@ -38,7 +38,7 @@ def test_captions_are_distinct_held_out_two_object_scenes():
     specs = [parse_caption(c) for c in captions]
     assert len(captions) == 40 and len(set(specs)) == 40
     assert all(s.kind in ("pair", "relation") and HELDOUT.combinations_in(s) for s in specs)
-    assert oracle_captions(5, ("relation",)) == [c for c in oracle_captions(60, ("relation",))][:5]
+    assert oracle_captions(5, ("relation",)) == oracle_captions(60, ("relation",))[:5]  # a prefix, whatever n
 
 
 def test_per_caption_means_follow_the_sampling_layout():

@@ -85,11 +85,10 @@ def test_text_tower_is_causal_positional_and_padded_with_eos_as_sd(tokenizer):
     first_diff = int((ids[0] != ids[1]).nonzero()[0])
     torch.testing.assert_close(states[0, :first_diff], states[1, :first_diff])  # causal: later words unseen
     assert not torch.allclose(states[0, -1], states[1, -1])  # padding slots summarise the whole prompt
-    circle = ids[0].tolist().index(single := tokenizer("circle", add_special_tokens=False).input_ids[0])
+    circle = ids[0].tolist().index(tokenizer("circle", add_special_tokens=False).input_ids[0])
     assert not torch.allclose(states[0, circle], states[2, circle])  # the noun's state depends on its colour
     eos = ids[0].tolist().index(tokenizer.eos_token_id)
     torch.testing.assert_close(out.pooler_output[0], states[0, eos])  # pooled = first EOS state
-    del single
 
 
 def test_a_few_steps_train_save_and_read_back_through_the_probe(tmp_path):
