@@ -56,8 +56,10 @@ def test_fine_tune_resume_and_export_in_the_original_layout(name, tmp_path, comf
                              "--llm", str(text_model()), "--set", f"data.latent_cache_dir={tmp_path / 'latents'}",
                              "--checkpoint-every", "1", *extra)
 
-    whole = run_train(command("whole"))
+    # The uninterrupted run also samples a validation image at the end (the sampler's encode is encode_for too).
+    whole = run_train(command("whole", "--set", 'validation.prompts=["a red square"]', "--set", "validation.steps=2"))
     assert whole.returncode == 0, whole.output
+    assert sorted(p.name for p in (tmp_path / "whole/validation").rglob("*.png")) == ["00.png"]
     assert "fine-tuning" in whole.output and f"layout {layout}" in whole.output
 
     # Interrupted after step 1, then resumed: the export is bit-identical to the uninterrupted run's.
@@ -119,3 +121,15 @@ def test_published_adapter_with_the_wrong_text_model_is_refused(tmp_path):
     assert proc.returncode == 1, proc.output
     assert "T5 encoder" in proc.output and "tiny" in proc.output.lower()
     assert not (tmp_path / "out/adapter.safetensors").exists()
+
+
+def test_two_processes_fine_tune_a_published_file(tmp_path):
+    """DDP over two CPU processes (torchrun) wraps the published module like ours, and rank 0 exports its layout."""
+    original = write_random_rouwei(tmp_path / "rouwei.safetensors", ROUWEI, fused=True)
+    proc = run_train(train_command("sdxl", tiny_dataset(tmp_path / "data", count=4), tmp_path / "out", 2,
+                                   "--init-adapter", str(original), "--llm", str(make_tiny_llm(family="gemma3"))),
+                     nproc=2)
+    assert proc.returncode == 0, proc.output
+    exported = tmp_path / "out/adapter.safetensors"
+    assert shapes_and_dtypes(exported) == shapes_and_dtypes(original)
+    assert load_foreign_adapter(exported).config.layout == "rouwei-fused"
