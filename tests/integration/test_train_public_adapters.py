@@ -112,6 +112,13 @@ def test_fine_tune_resume_and_export_in_the_original_layout(name, tmp_path, comf
             torch.testing.assert_close(extras["pooled_output"], pooled, rtol=1e-5, atol=1e-5)
         assert (pooled is None) == (pipeline == "sd15")
 
+    # The trainer's conditioning hands each sample's timestep to a timestep-aware adapter (ELLA), so its
+    # context differs across t in one batch; RouWei's does not depend on t.
+    encoded = encode_for(trained, library_llm, None, ["a red square"] * 2)
+    with torch.no_grad():
+        context, _ = adapter_context(trained, encoded, None, torch.tensor([900, 50]))
+    assert (not torch.allclose(context[0], context[1])) == (name == "ella")
+
 
 def test_published_adapter_with_the_wrong_text_model_is_refused(tmp_path):
     """ELLA reads a T5 encoder's states: a decoder LLM is refused before any training, naming both."""
