@@ -20,6 +20,10 @@ What one step does (docs/design.md sections 2, 4, 5):
 The result, <output-dir>/adapter.safetensors, is exactly the file the ComfyUI nodes load; with EMA on
 (the default) it holds the EMA weights.
 
+--init-adapter also takes a published RouWei-Gemma / RouWei-T5Gemma / ELLA file (adapter/foreign): its text side
+is adapter.foreign.text.encode_text (the node's code), ELLA runs at each sample's training timestep, and the export
+keeps the file's own key layout and dtype (docs/training_public_adapters.md).
+
 Precedence of settings: defaults < --preset < --config < named flags < --set key=value (training/config.py).
 Test-only hooks live under [debug] (debug.inject_nan_at_step, debug.stop_after_step).
 """
