@@ -230,6 +230,9 @@ class Student(nn.Module):
 def build_adapter(cfg: TrainConfig, llm, base: BaseModel) -> nn.Module:
     """Fresh adapter for this LLM and base (what `python -m adapter init` makes), or --init-adapter checked to fit:
     one of our files, or a published RouWei-Gemma / RouWei-T5Gemma / ELLA file (recognised by its key layout)."""
+    # Seeded on both paths: a fresh adapter's weights, and the UNet LoRA initialised right after, are part of the
+    # run's seed (else a fine-tune with LoRA would start from another random LoRA on every run, resumes included).
+    torch.manual_seed(cfg.seed)
     if cfg.model.init_adapter:
         adapter = load_any_adapter(cfg.model.init_adapter)
         config = adapter.config
@@ -257,7 +260,6 @@ def build_adapter(cfg: TrainConfig, llm, base: BaseModel) -> nn.Module:
         if is_foreign(config):
             return adapter.float().train()
     else:
-        torch.manual_seed(cfg.seed)  # the fresh adapter's initial weights are part of the run's seed
         target = make_target(base.family, num_tokens=cfg.model.num_tokens, context_dim=base.context_dim,
                              pooled_dim=base.pooled_dim)
         # The chat template is recorded, so every path (ComfyUI's single files too) renders the same tokens.

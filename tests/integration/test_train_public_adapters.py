@@ -31,12 +31,14 @@ ROUWEI = RouWeiConfig(llm_dim=64, sdxl_seq_dim=64, sdxl_pooled_dim=32, max_input
                       n_wide_blocks=1, n_narrow_blocks=1, num_heads=4)
 
 CASES = {
-    # name: (pipeline, text model, writer of the original file, its layout)
-    "ella": ("sd15", make_tiny_t5, lambda p: write_random_ella(p, ELLA, dtype=torch.float16), "ella-tsc"),
+    # name: (pipeline, text model, writer of the original file, its layout, extra trainer flags)
+    "ella": ("sd15", make_tiny_t5, lambda p: write_random_ella(p, ELLA, dtype=torch.float16), "ella-tsc", ()),
     "rouwei-fused": ("sdxl", lambda: make_tiny_llm(family="gemma3"),
-                     lambda p: write_random_rouwei(p, ROUWEI, fused=True, dtype=torch.float16), "rouwei-fused"),
+                     lambda p: write_random_rouwei(p, ROUWEI, fused=True, dtype=torch.float16), "rouwei-fused", ()),
+    # with a UNet LoRA trained beside the adapter (in the checkpoint, restored on resume)
     "rouwei-separate-qkv": ("sdxl", lambda: make_tiny_llm(family="gemma3"),
-                            lambda p: write_random_rouwei(p, ROUWEI, fused=False), "rouwei-separate-qkv"),
+                            lambda p: write_random_rouwei(p, ROUWEI, fused=False), "rouwei-separate-qkv",
+                            ("--set", "lora.enabled=true")),
 }
 
 
@@ -47,14 +49,14 @@ def shapes_and_dtypes(path) -> dict:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_fine_tune_resume_and_export_in_the_original_layout(name, tmp_path, comfy_models):  # noqa: F811
-    pipeline, text_model, write, layout = CASES[name]
+    pipeline, text_model, write, layout, flags = CASES[name]
     original = write(tmp_path / f"{name}.safetensors")
     data = tiny_dataset(tmp_path / "data", count=4)
 
     def command(out, *extra):
         return train_command(pipeline, data, tmp_path / out, 3, "--init-adapter", str(original),
                              "--llm", str(text_model()), "--set", f"data.latent_cache_dir={tmp_path / 'latents'}",
-                             "--checkpoint-every", "1", *extra)
+                             "--checkpoint-every", "1", *flags, *extra)
 
     # The uninterrupted run also samples a validation image at the end (the sampler's encode is encode_for too).
     whole = run_train(command("whole", "--set", 'validation.prompts=["a red square"]', "--set", "validation.steps=2"))
@@ -71,6 +73,9 @@ def test_fine_tune_resume_and_export_in_the_original_layout(name, tmp_path, comf
     exported = tmp_path / "whole/adapter.safetensors"
     a, b = load_file(str(exported)), load_file(str(tmp_path / "split/adapter.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if flags:
+        lora_a, lora_b = (load_file(str(tmp_path / run / "unet_lora.safetensors")) for run in ("whole", "split"))
+        assert lora_a and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
 
     # Same tensor names, shapes and dtypes as the file it came from; the weights have moved (EMA of 3 steps).
     assert shapes_and_dtypes(exported) == shapes_and_dtypes(original)
@@ -140,3 +145,12 @@ def test_two_processes_fine_tune_a_published_file(tmp_path):
     exported = tmp_path / "out/adapter.safetensors"
     assert shapes_and_dtypes(exported) == shapes_and_dtypes(original)
     assert load_foreign_adapter(exported).config.layout == "rouwei-fused"
+
+
+def test_llm_state_cache_is_refused_for_a_published_file(tmp_path):
+    original = write_random_ella(tmp_path / "ella.safetensors", ELLA)
+    proc = run_train(train_command("sd15", tiny_dataset(tmp_path / "data", count=2), tmp_path / "out", 1,
+                                   "--init-adapter", str(original), "--llm", str(make_tiny_t5()),
+                                   "--set", "data.cache_llm_states=true"))
+    assert proc.returncode == 1, proc.output
+    assert "cache_llm_states" in proc.output and "ella.safetensors" in proc.output
