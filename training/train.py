@@ -51,7 +51,6 @@ from adapter import (
     check_context_dim,
     check_llm_matches,
     encode_prompts,
-    load_adapter,
     load_llm,
     make_target,
     record_chat_template,
