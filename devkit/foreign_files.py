@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from adapter.foreign import EllaAdapter, EllaConfig, RouWeiAdapter, RouWeiConfig
+from adapter.foreign.layouts import fuse_attention
 
 
 def _randomise(module: torch.nn.Module, seed: int) -> None:
@@ -25,25 +26,6 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
-
-
-def _fuse(tensors: dict) -> dict:
-    out = {}
-    pattern = re.compile(r"^(?:(?P<block>(?:wide|narrow)_attention_blocks\.\d+)\.|(?P<flat>compression|pooling)_)"
-                         r"(?P<proj>q_proj|k_proj|v_proj|out_proj)\.(?P<kind>weight|bias)$")
-    for key, value in tensors.items():
-        m = pattern.match(key)
-        if m is None:
-            out[key] = value
-            continue
-        prefix = f"{m['block']}.attn." if m["block"] else f"{m['flat']}_attention."
-        own = f"{m['block']}." if m["block"] else f"{m['flat']}_"
-        if m["proj"] == "out_proj":
-            out[f"{prefix}out_proj.{m['kind']}"] = value
-        elif m["proj"] == "q_proj":
-            parts = [tensors[f"{own}{p}.{m['kind']}"] for p in ("q_proj", "k_proj", "v_proj")]
-            out[f"{prefix}in_proj_{m['kind']}"] = torch.cat(parts)
-    return out
 
 
 def _save(tensors: dict, path: Path, config: dict, heads_key: str, published_heads: int) -> Path:
@@ -61,7 +43,7 @@ def write_random_rouwei(path, config: RouWeiConfig = RouWeiConfig(), fused: bool
     module = RouWeiAdapter(config)
     _randomise(module, seed)
     tensors = {k: v.to(dtype) for k, v in module.state_dict().items()}
-    return _save(_fuse(tensors) if fused else tensors, Path(path), config.to_dict(), "num_heads", 16)
+    return _save(fuse_attention(tensors) if fused else tensors, Path(path), config.to_dict(), "num_heads", 16)
 
 
 def write_random_ella(path, config: EllaConfig = EllaConfig(), seed: int = 0, dtype: torch.dtype = torch.float32) -> Path:

@@ -293,7 +293,8 @@ NAMED_FLAGS: dict[str, tuple[str, type, str]] = {
     "--resolution": ("data.resolution", int, "bucket area ~ resolution^2 pixels"),
     "--seed": ("seed", int, "seed of everything random"),
     "--resume": ("resume", str, "'latest' (starts fresh when there is none) or a checkpoint folder"),
-    "--init-adapter": ("model.init_adapter", str, "fine-tune this adapter file"),
+    "--init-adapter": ("model.init_adapter", str, "fine-tune this adapter file: ours, or a published RouWei-Gemma / "
+                       "RouWei-T5Gemma / ELLA file (exported again in its own key layout)"),
     "--checkpoint-every": ("checkpoint_every", int, "checkpoint every N steps"),
     "--mixed-precision": ("mixed_precision", str, "no | fp16 | bf16"),
     "--base-model-config": ("model.base_model_config", str,

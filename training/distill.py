@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from adapter import encode_prompts, load_llm
+from adapter.foreign import is_foreign
 from training import checkpoint as ckpt
 from training.config import TrainConfig, TrainConfigError
 from training.distributed import end_run
@@ -223,6 +224,10 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
     llm_dtype = weight_dtype if cfg.model.llm_dtype == "auto" else DTYPES[cfg.model.llm_dtype]
     llm = load_llm(cfg.model.llm, dtype=llm_dtype, device=device)
     adapter = build_adapter(cfg, llm, base).to(device)
+    if is_foreign(adapter.config):  # their text sides run through the image stage only (encode_for in train.py)
+        raise TrainConfigError(f"--init-adapter {Path(cfg.model.init_adapter).name} is a published {adapter.config.preset} "
+                               "adapter: the distill stage trains this pack's own adapters; fine-tune it with an image "
+                               "preset instead (e.g. --preset dynamic-kl)")
     template = adapter.config.template
 
     # 2. Captions and the caches (each process its share, no communication yet).

@@ -23,6 +23,10 @@ What one step does (docs/design.md sections 2, 4, 5):
 The result, <output-dir>/adapter.safetensors, is exactly the file the ComfyUI nodes load; with EMA on
 (the default) it holds the EMA weights.
 
+--init-adapter also takes a published RouWei-Gemma / RouWei-T5Gemma / ELLA file (adapter/foreign): its text side
+is adapter.foreign.text.encode_text (the node's code), ELLA runs at each sample's training timestep, and the export
+keeps the file's own key layout and dtype (docs/training_public_adapters.md).
+
 Precedence of settings: defaults < --preset < --config < named flags < --set key=value (training/config.py).
 Test-only hooks live under [debug] (debug.inject_nan_at_step, debug.stop_after_step).
 """
@@ -38,7 +42,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -50,12 +54,14 @@ from adapter import (
     check_context_dim,
     check_llm_matches,
     encode_prompts,
-    load_adapter,
     load_llm,
     make_target,
     record_chat_template,
     save_adapter,
 )
+from adapter.file_format import read_header
+from adapter.foreign import is_foreign, load_any_adapter, save_foreign_adapter
+from adapter.foreign.text import check_pairing, encode_text, node_text_side
 from training import checkpoint as ckpt
 from training.config import (DEFAULT_PRESET, TrainConfig, TrainConfigError, format_config, missing_inputs, resolve_config,
                              shareable_dict)
@@ -142,6 +148,24 @@ class EMA:
         return module
 
 
+class ForeignEncoded(NamedTuple):
+    """A published adapter's input in the fields adapter_context reads (EncodedPrompts has the same two)."""
+
+    hidden_states: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def encode_for(adapter: nn.Module, llm, template, prompts: list[str]):
+    """The adapter's input for `prompts`: every layer's states through our chat template for our adapters; for a
+    published one (RouWei, ELLA) its own text side with the node's default settings, through the same
+    adapter.foreign.text.encode_text that LLMDiffTextEncode runs, so what is trained is what is sampled."""
+    config = adapter.config
+    if is_foreign(config):
+        states = encode_text(llm, node_text_side(config, llm), prompts)
+        return ForeignEncoded(states.states.float(), states.mask)
+    return encode_prompts(llm, template, prompts)
+
+
 def adapter_context(adapter: nn.Module, encoded, clip_context: Optional[torch.Tensor],
                     timesteps: Optional[torch.Tensor] = None):
     """LLM states -> (context [B, N(+77), C], pooled or None): the adapter's conditioning, followed by the frozen
@@ -189,7 +213,7 @@ class Student(nn.Module):
         with self.timer("llm"):
             with torch.no_grad():
                 encoded = (self.llm_states.encode(prompts) if self.llm_states is not None
-                           else encode_prompts(llm, self.template, prompts))
+                           else encode_for(self.adapter, llm, self.template, prompts))
         with self.timer("student"):
             context, pooled = adapter_context(self.adapter, encoded, clip_context if self.cfg.model.concat_clip else None,
                                               timesteps)
@@ -205,21 +229,39 @@ class Student(nn.Module):
 # setup: models, adapter, data, latent cache (all before any multi-process communication)
 
 
-def build_adapter(cfg: TrainConfig, llm, base: BaseModel) -> LLMDiffAdapter:
-    """Fresh adapter for this LLM and base (what `python -m adapter init` makes), or --init-adapter checked to fit."""
+def build_adapter(cfg: TrainConfig, llm, base: BaseModel) -> nn.Module:
+    """Fresh adapter for this LLM and base (what `python -m adapter init` makes), or --init-adapter checked to fit:
+    one of our files, or a published RouWei-Gemma / RouWei-T5Gemma / ELLA file (recognised by its key layout)."""
+    # Seeded on both paths: a fresh adapter's weights, and the UNet LoRA initialised right after, are part of the
+    # run's seed (else a fine-tune with LoRA would start from another random LoRA on every run, resumes included).
+    torch.manual_seed(cfg.seed)
     if cfg.model.init_adapter:
-        adapter = load_adapter(cfg.model.init_adapter)
+        adapter = load_any_adapter(cfg.model.init_adapter)
         config = adapter.config
-        check_llm_matches(config, llm.info, llm.tokenizer)
+        name = Path(cfg.model.init_adapter).name
+        if is_foreign(config):
+            check_pairing(config, llm, name)
+            if cfg.data.cache_llm_states:
+                raise TrainConfigError(f"--init-adapter {name} is a published {config.preset} adapter, whose text side the "
+                                       "LLM-state cache does not hold: leave data.cache_llm_states off for it")
+            # Exported in the dtype the file came in, so the other packs get what they always got.
+            dtypes = {v["dtype"] for k, v in read_header(cfg.model.init_adapter).items() if k != "__metadata__"}
+            adapter.file_dtype = {"F16": torch.float16, "BF16": torch.bfloat16}.get(dtypes.pop(), torch.float32) \
+                if len(dtypes) == 1 else torch.float32
+        else:
+            check_llm_matches(config, llm.info, llm.tokenizer)
         where = f"the base model {base.name} ({base.family})"
         check_context_dim(config, base.context_dim, base.pooled_dim if base.family == "sdxl" else None, where)
         if config.concat_clip != cfg.model.concat_clip:
             raise AdapterError(
                 f"--init-adapter {cfg.model.init_adapter} was trained with concat_clip={config.concat_clip} but this run "
                 f"has concat_clip={cfg.model.concat_clip}: pass --concat-clip accordingly")
-        log.info("fine-tuning %s; its own arch and template govern ([arch]/[template] settings are ignored)", cfg.model.init_adapter)
+        log.info("fine-tuning %s (%s); its own arch and %s govern ([arch]/[template] settings are ignored)",
+                 cfg.model.init_adapter, config.describe() if is_foreign(config) else "ours",
+                 "text side" if is_foreign(config) else "template")
+        if is_foreign(config):
+            return adapter.float().train()
     else:
-        torch.manual_seed(cfg.seed)  # the fresh adapter's initial weights are part of the run's seed
         target = make_target(base.family, num_tokens=cfg.model.num_tokens, context_dim=base.context_dim,
                              pooled_dim=base.pooled_dim)
         # The chat template is recorded, so every path (ComfyUI's single files too) renders the same tokens.
@@ -278,7 +320,7 @@ def adapter_context_at(adapter: nn.Module, llm, prompts: list[str], clip_context
     """`context_at(t)` for training.sampling.ddim_sample: the adapter's conditioning of `prompts` (positives then
     negatives). The LLM runs once; a timestep-aware adapter decodes its t-independent states at each sampler
     timestep, a static one returns the same tensors every time."""
-    encoded = encode_prompts(llm, adapter.config.template, prompts)
+    encoded = encode_for(adapter, llm, getattr(adapter.config, "template", None), prompts)
     if adapter.timestep_aware:
         states = adapter.encode_states(encoded.hidden_states, encoded.attention_mask)
         return lambda t: with_clip(adapter.decode(states, encoded.attention_mask, t), clip_context)
@@ -360,7 +402,7 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
     llm_dtype = weight_dtype if cfg.model.llm_dtype == "auto" else DTYPES[cfg.model.llm_dtype]
     llm = load_llm(cfg.model.llm, dtype=llm_dtype, device=device)
     adapter = build_adapter(cfg, llm, base).to(device)
-    template = adapter.config.template
+    template = getattr(adapter.config, "template", None)  # a published adapter has its own text side instead
     if cfg.model.attention_backend == "xformers":
         base.unet.enable_xformers_memory_efficient_attention()
     if cfg.gradient_checkpointing:
@@ -437,7 +479,7 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
         accelerator.wait_for_everyone()
         if is_main:
             state = {"step": at_step, "data_epoch": epoch, "data_position": position, "nonfinite_steps": nonfinite,
-                     "config": cfg.to_dict(), "adapter_config": raw.adapter.config.to_dict()}
+                     "config": cfg.to_dict(), "adapter_config": adapter_config_dict(raw.adapter.config)}
             ckpt.save(out_dir, at_step, trainable, ema.shadow if ema else None, optimizer.state_dict(), state,
                       cfg.checkpoints_keep)
         accelerator.wait_for_everyone()
@@ -502,7 +544,7 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
                 writer.add_scalar("grad_norm", float(grad_norm), step)
                 writer.add_scalar("it_per_s", 1 / max(step_times[-1], 1e-9), step)
                 writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)
-                if raw.adapter.layer_logits is not None:
+                if getattr(raw.adapter, "layer_logits", None) is not None:
                     weights = torch.softmax(raw.adapter.layer_logits.detach().float(), 0)
                     writer.add_scalar("adapter/layer_weight_max", float(weights.max()), step)
         if is_main and cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0:
@@ -556,6 +598,13 @@ def restore_checkpoint(resume_from: Optional[Path], trainable: dict, ema: Option
     return state["step"], state["data_epoch"], state["data_position"], state["nonfinite_steps"]
 
 
+def adapter_config_dict(config) -> dict:
+    """The adapter's config for a checkpoint's state.json (a published adapter: its layout and sizes)."""
+    if is_foreign(config):
+        return {"published": config.preset, "kind": config.kind, "layout": config.layout, "arch": config.arch.to_dict()}
+    return config.to_dict()
+
+
 def run_validation(cfg, base, adapter, llm, dataset, device, writer, step) -> None:
     adapter.eval()
     size = dataset.buckets[dataset.bucket_of[0]]
@@ -603,8 +652,11 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
         "config_file": (started_from or {}).get("config_file", ""),
         "resolved_config": shareable_dict(cfg),
     }
-    config = dataclasses.replace(adapter.config, training=training)
-    path = save_adapter(out_dir / "adapter.safetensors", adapter, config)
+    if is_foreign(adapter.config):  # the key layout it came in, so the original packs and ours both load it
+        path = save_foreign_adapter(out_dir / "adapter.safetensors", adapter, training, getattr(adapter, "file_dtype", None))
+    else:
+        config = dataclasses.replace(adapter.config, training=training)
+        path = save_adapter(out_dir / "adapter.safetensors", adapter, config)
     print(f"adapter written: {path} ({'EMA' if ema is not None else 'raw'} weights, {step} steps)"
           + (f"; UNet LoRA for ComfyUI's LoraLoader: {out_dir / lora_file}" if lora_file else ""), flush=True)
 

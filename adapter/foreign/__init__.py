@@ -10,12 +10,13 @@ wrapper use (`encode_states`, `decode`, `forward`, `timestep_aware`, `.config.ta
 run them through the same code; `.config` is a `ForeignConfig`.
 """
 from .ella import EllaAdapter, EllaConfig
-from .layouts import LAYOUTS, ForeignConfig, build_foreign_adapter, file_shapes, load_foreign_adapter, recognise
+from .layouts import (LAYOUTS, TRAINING_METADATA_KEY, ForeignConfig, build_foreign_adapter, file_shapes, load_foreign_adapter,
+                      recognise, save_foreign_adapter)
 from .rouwei import RouWeiAdapter, RouWeiConfig
 from .text import TextSide, encode_text, is_encoder, load_text_encoder
 
 __all__ = ["EllaAdapter", "EllaConfig", "RouWeiAdapter", "RouWeiConfig", "LAYOUTS", "ForeignConfig", "build_foreign_adapter",
-           "file_shapes", "load_foreign_adapter", "recognise", "TextSide", "encode_text", "is_encoder",
+           "file_shapes", "load_foreign_adapter", "recognise", "save_foreign_adapter", "TRAINING_METADATA_KEY", "TextSide", "encode_text", "is_encoder",
            "load_text_encoder", "is_foreign", "load_any_adapter", "describe_adapter"]
 
 

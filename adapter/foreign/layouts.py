@@ -137,6 +137,24 @@ def _fuse_names(shapes: Shapes) -> dict:
     return out
 
 
+def fuse_attention(tensors: dict) -> dict:
+    """Our names -> the original layout (the inverse of _split_fused): q/k/v concatenated into in_proj."""
+    out = {}
+    for key, shape in _fuse_names({k: tuple(v.shape) for k, v in tensors.items()}).items():
+        m = _ROUWEI_ATTENTION.match(key)
+        if m is None:
+            out[key] = tensors[key]
+            continue
+        own = f"{m['block']}." if m["block"] else f"{m['flat']}_"
+        rest = m["rest"]
+        if rest.startswith("in_proj"):
+            kind = "weight" if rest.endswith("weight") else "bias"
+            out[key] = torch.cat([tensors[f"{own}{p}.{kind}"] for p in ("q_proj", "k_proj", "v_proj")])
+        else:
+            out[key] = tensors[f"{own}{rest}"]
+    return out
+
+
 # ----------------------------------------------------------------------------- ELLA
 
 
@@ -169,11 +187,12 @@ class Layout:
     build: Callable[[object], torch.nn.Module]
     to_file_names: Callable[[Shapes], dict] = field(default=lambda shapes: {k: tuple(v) for k, v in shapes.items()})
     to_module: Callable[[dict], dict] = field(default=lambda tensors: tensors)
+    to_file: Callable[[dict], dict] = field(default=lambda tensors: tensors)  # module tensors -> this layout's
 
 
 LAYOUTS = (
     Layout("rouwei-fused", "rouwei", "compression_queries", _rouwei_config, _rouwei_preset, RouWeiAdapter,
-           to_file_names=_fuse_names, to_module=_split_fused),
+           to_file_names=_fuse_names, to_module=_split_fused, to_file=fuse_attention),
     Layout("rouwei-separate-qkv", "rouwei", "compression_queries", _rouwei_config, _rouwei_preset, RouWeiAdapter),
     Layout("ella-tsc", "ella", "connector.latents", _ella_config, _ella_preset, EllaAdapter),
 )
@@ -295,3 +314,32 @@ def build_foreign_adapter(config: ForeignConfig, tensors: dict, device="cpu", dt
     module.load_state_dict(layout.to_module(tensors), strict=True, assign=True)
     module.config = config
     return module.to(device=device, dtype=dtype).eval()
+
+
+# Where our trainer's provenance goes in a published-layout file: a key the other packs ignore, never
+# `format` (which would make the loaders read it as our own self-describing format).
+TRAINING_METADATA_KEY = "llm_diff_adapter_training"
+
+
+def save_foreign_adapter(path, module: torch.nn.Module, training: Optional[dict] = None,
+                         dtype: Optional[torch.dtype] = None) -> Path:
+    """Write a published adapter module in the key layout it was loaded from (`module.config.layout`), so the
+    original packs load it as before; the head count goes into `config` (shapes cannot tell it) and
+    `training` (JSON) under TRAINING_METADATA_KEY. Written to a temporary file and renamed."""
+    import os
+
+    from safetensors.torch import save_file
+
+    config = module.config
+    layout = next(layout for layout in LAYOUTS if layout.name == config.layout)
+    tensors = {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in module.state_dict().items()}
+    tensors = {k: v.contiguous() for k, v in layout.to_file(tensors).items()}
+    heads_key = "num_heads" if config.kind == "rouwei" else "heads"
+    metadata = {"config": json.dumps({heads_key: getattr(config.arch, heads_key)})}
+    if training is not None:
+        metadata[TRAINING_METADATA_KEY] = json.dumps(training, sort_keys=True)
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path

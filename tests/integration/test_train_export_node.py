@@ -12,7 +12,8 @@ from devkit.tiny_models import make_tiny_llm
 from devkit.train_runs import run_train, tiny_dataset, train_command
 from training.train import adapter_context
 
-from devkit.comfy_pack import load_pack, node_classes
+from devkit.comfy_pack import node_classes
+from support.node_models import comfy_models  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -23,23 +24,6 @@ def exported(tmp_path_factory) -> Path:
     proc = run_train(train_command("sd15", tiny_dataset(root / "data", count=2), root / "out", 2))
     assert proc.returncode == 0, proc.output
     return root / "out" / "adapter.safetensors"
-
-
-@pytest.fixture
-def comfy_models(tmp_path):
-    """models/LLM and models/llm_adapters in a temp dir, registered with ComfyUI's own folder_paths."""
-    load_pack()
-    import folder_paths
-
-    llm_dir, adapter_dir = tmp_path / "LLM", tmp_path / "llm_adapters"
-    llm_dir.mkdir()
-    adapter_dir.mkdir()
-    saved = dict(folder_paths.folder_names_and_paths)
-    folder_paths.folder_names_and_paths["LLM"] = ([str(llm_dir)], {"folder"})
-    folder_paths.folder_names_and_paths["llm_adapters"] = ([str(adapter_dir)], {".safetensors"})
-    yield llm_dir, adapter_dir
-    folder_paths.folder_names_and_paths.clear()
-    folder_paths.folder_names_and_paths.update(saved)
 
 
 def test_trainer_export_loads_in_the_node_and_conditions_like_training(exported, comfy_models):

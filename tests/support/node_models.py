@@ -133,3 +133,21 @@ class FakeClip:
 
     def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
         return {"cond": torch.full((1, 77, self.width), 0.5), "pooled_output": torch.full((1, self.pooled_dim), 2.0)}
+
+
+@pytest.fixture
+def comfy_models(tmp_path):
+    """Empty models/LLM and models/llm_adapters in a temp dir, registered with ComfyUI's own folder_paths
+    (restored afterwards); yields (llm_dir, adapter_dir)."""
+    load_pack()
+    import folder_paths
+
+    llm_dir, adapter_dir = tmp_path / "LLM", tmp_path / "llm_adapters"
+    llm_dir.mkdir()
+    adapter_dir.mkdir()
+    saved = dict(folder_paths.folder_names_and_paths)
+    folder_paths.folder_names_and_paths["LLM"] = ([str(llm_dir)], {"folder"})
+    folder_paths.folder_names_and_paths["llm_adapters"] = ([str(adapter_dir)], {".safetensors"})
+    yield llm_dir, adapter_dir
+    folder_paths.folder_names_and_paths.clear()
+    folder_paths.folder_names_and_paths.update(saved)

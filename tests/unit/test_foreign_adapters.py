@@ -163,3 +163,25 @@ def test_full_size_separate_qkv_layout_is_recognised():
     assert {k.split(".")[-2] for k in split if "proj" in k} == {k.split(".")[-2] for k in small if "proj" in k}
     config = recognise(split)
     assert (config.layout, config.preset, config.arch.n_wide_blocks) == ("rouwei-separate-qkv", "RouWei-T5Gemma (t5gemma-2b encoder)", 3)
+
+
+@pytest.mark.parametrize("name", ["rouwei_small", "rouwei_small_separate_qkv", "ella_small"])
+def test_save_writes_back_the_reference_files_own_layout(name, tmp_path):
+    """The reference implementations' files, loaded and saved again (what the trainer's export does): the same
+    tensors under the same names, bit for bit, the head count in `config`, provenance beside it, no `format`."""
+    from safetensors import safe_open
+
+    from adapter.foreign import TRAINING_METADATA_KEY, save_foreign_adapter
+
+    source = DATA / f"{name}.safetensors"
+    module = load_foreign_adapter(source)
+    out = save_foreign_adapter(tmp_path / "out.safetensors", module, {"steps": 3})
+    original, written = load_file(source), load_file(out)
+    assert written.keys() == original.keys()
+    for key, value in written.items():
+        assert torch.equal(value, original[key]), key
+    with safe_open(str(out), framework="pt") as f:
+        metadata = f.metadata()
+    assert "format" not in metadata and json.loads(metadata[TRAINING_METADATA_KEY]) == {"steps": 3}
+    again = load_foreign_adapter(out)
+    assert again.config.layout == module.config.layout and again.config.arch == module.config.arch

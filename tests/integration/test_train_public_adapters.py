@@ -1,0 +1,156 @@
+"""The trainer fine-tunes published adapters (ELLA, RouWei) from files in their own key layouts: a few steps on
+the tiny SD1.5 / SDXL pipelines with a tiny T5 / Gemma 3, a bit-identical resume, an export in the layout the
+file came in (with our provenance), and that export loaded by the layout recognition and by LLMDiffLoadAdapter.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from adapter import load_llm
+from adapter.foreign import EllaConfig, RouWeiConfig, TRAINING_METADATA_KEY, load_foreign_adapter
+from devkit.comfy_pack import node_classes
+from devkit.foreign_files import write_random_ella, write_random_rouwei
+from devkit.tiny_encoders import make_tiny_t5
+from devkit.tiny_models import make_tiny_llm
+from devkit.train_runs import run_train, tiny_dataset, train_command
+from training.train import adapter_context, encode_for
+from support.node_models import comfy_models  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+# Sized for the tiny pipelines: SD1.5's context is 32 wide; SDXL's 64 with a 32-wide pooled vector.
+# The text models (tiny T5, tiny Gemma 3) give 64-wide states.
+ELLA = EllaConfig(time_channel=32, time_embed_dim=32, width=32, layers=1, heads=4, num_latents=8, input_dim=64)
+ROUWEI = RouWeiConfig(llm_dim=64, sdxl_seq_dim=64, sdxl_pooled_dim=32, max_input_len=48, target_seq_len=10,
+                      n_wide_blocks=1, n_narrow_blocks=1, num_heads=4)
+
+CASES = {
+    # name: (pipeline, text model, writer of the original file, its layout, extra trainer flags)
+    "ella": ("sd15", make_tiny_t5, lambda p: write_random_ella(p, ELLA, dtype=torch.float16), "ella-tsc", ()),
+    "rouwei-fused": ("sdxl", lambda: make_tiny_llm(family="gemma3"),
+                     lambda p: write_random_rouwei(p, ROUWEI, fused=True, dtype=torch.float16), "rouwei-fused", ()),
+    # with a UNet LoRA trained beside the adapter (in the checkpoint, restored on resume)
+    "rouwei-separate-qkv": ("sdxl", lambda: make_tiny_llm(family="gemma3"),
+                            lambda p: write_random_rouwei(p, ROUWEI, fused=False), "rouwei-separate-qkv",
+                            ("--set", "lora.enabled=true")),
+}
+
+
+def shapes_and_dtypes(path) -> dict:
+    with safe_open(str(path), framework="pt") as f:
+        return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fine_tune_resume_and_export_in_the_original_layout(name, tmp_path, comfy_models):  # noqa: F811
+    pipeline, text_model, write, layout, flags = CASES[name]
+    original = write(tmp_path / f"{name}.safetensors")
+    data = tiny_dataset(tmp_path / "data", count=4)
+
+    def command(out, *extra):
+        return train_command(pipeline, data, tmp_path / out, 3, "--init-adapter", str(original),
+                             "--llm", str(text_model()), "--set", f"data.latent_cache_dir={tmp_path / 'latents'}",
+                             "--checkpoint-every", "1", *flags, *extra)
+
+    # The uninterrupted run also samples a validation image at the end (the sampler's encode is encode_for too).
+    whole = run_train(command("whole", "--set", 'validation.prompts=["a red square"]', "--set", "validation.steps=2"))
+    assert whole.returncode == 0, whole.output
+    assert sorted(p.name for p in (tmp_path / "whole/validation").rglob("*.png")) == ["00.png"]
+    assert "fine-tuning" in whole.output and f"layout {layout}" in whole.output
+
+    # Interrupted after step 1, then resumed: the export is bit-identical to the uninterrupted run's.
+    part = run_train(command("split", "--set", "debug.stop_after_step=1"))
+    assert part.returncode == 3, part.output
+    rest = run_train(command("split", "--resume", "latest"))
+    assert rest.returncode == 0, rest.output
+    assert "resuming from" in rest.output
+    exported = tmp_path / "whole/adapter.safetensors"
+    a, b = load_file(str(exported)), load_file(str(tmp_path / "split/adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if flags:
+        lora_a, lora_b = (load_file(str(tmp_path / run / "unet_lora.safetensors")) for run in ("whole", "split"))
+        assert lora_a and all(torch.equal(lora_a[k], lora_b[k]) for k in lora_a)
+
+    # Same tensor names, shapes and dtypes as the file it came from; the weights have moved (EMA of 3 steps).
+    assert shapes_and_dtypes(exported) == shapes_and_dtypes(original)
+    before = load_file(str(original))
+    assert any(not torch.equal(before[k], a[k]) for k in a)
+    with safe_open(str(exported), framework="pt") as f:
+        metadata = f.metadata()
+    assert "format" not in metadata  # not our own format: the published layout's readers see their file
+    training = json.loads(metadata[TRAINING_METADATA_KEY])
+    assert training["steps"] == 3 and training["weights"] == "ema" and training["init_adapter"] == original.name
+
+    # The layout recognition reads it as the same architecture and sizes (head count included).
+    source = load_foreign_adapter(original)
+    trained = load_foreign_adapter(exported)
+    assert trained.config.layout == layout and trained.config.arch == source.config.arch
+
+    # ... and so does our loader node, with exactly the exported weights.
+    _, adapter_dir = comfy_models
+    shutil.copy(exported, adapter_dir / f"{name}-trained.safetensors")
+    handle = node_classes()["LLMDiffLoadAdapter"].execute(f"{name}-trained.safetensors").args[0]
+    assert handle.module.config.layout == layout
+    node_weights, file_weights = handle.module.state_dict(), trained.state_dict()
+    assert node_weights.keys() == file_weights.keys()
+    assert all(torch.equal(node_weights[k].float(), file_weights[k].float()) for k in file_weights)
+
+    # What was trained is what is sampled: the node's conditioning (prompt, and the empty prompt caption dropout
+    # trains) is the trainer's own encode_for + adapter_context (ELLA: at the node's fixed timestep, which is what
+    # `timesteps=None` decodes at).
+    llm_dir, _ = comfy_models
+    (llm_dir / "text-model").symlink_to(text_model())
+    llm = node_classes()["LLMDiffLoadLLM"].execute("text-model", "auto").args[0]
+    library_llm = load_llm(text_model())
+    for prompt in ("a red square, picture number 1", ""):
+        [[context, extras]], _ = node_classes()["LLMDiffTextEncode"].execute(llm, handle, prompt).args
+        with torch.no_grad():
+            expected, pooled = adapter_context(trained, encode_for(trained, library_llm, None, [prompt]), None)
+        torch.testing.assert_close(context, expected, rtol=1e-5, atol=1e-5)
+        if pooled is not None:
+            torch.testing.assert_close(extras["pooled_output"], pooled, rtol=1e-5, atol=1e-5)
+        assert (pooled is None) == (pipeline == "sd15")
+
+    # The trainer's conditioning hands each sample's timestep to a timestep-aware adapter (ELLA), so its
+    # context differs across t in one batch; RouWei's does not depend on t.
+    encoded = encode_for(trained, library_llm, None, ["a red square"] * 2)
+    with torch.no_grad():
+        context, _ = adapter_context(trained, encoded, None, torch.tensor([900, 50]))
+    assert (not torch.allclose(context[0], context[1])) == (name == "ella")
+
+
+def test_published_adapter_with_the_wrong_text_model_is_refused(tmp_path):
+    """ELLA reads a T5 encoder's states: a decoder LLM is refused before any training, naming both."""
+    original = write_random_ella(tmp_path / "ella.safetensors", ELLA)
+    proc = run_train(train_command("sd15", tiny_dataset(tmp_path / "data", count=2), tmp_path / "out", 1,
+                                   "--init-adapter", str(original)))  # train_command's --llm is the tiny Qwen2
+    assert proc.returncode == 1, proc.output
+    assert "T5 encoder" in proc.output and "tiny" in proc.output.lower()
+    assert not (tmp_path / "out/adapter.safetensors").exists()
+
+
+def test_two_processes_fine_tune_a_published_file(tmp_path):
+    """DDP over two CPU processes (torchrun) wraps the published module like ours, and rank 0 exports its layout."""
+    original = write_random_rouwei(tmp_path / "rouwei.safetensors", ROUWEI, fused=True)
+    proc = run_train(train_command("sdxl", tiny_dataset(tmp_path / "data", count=4), tmp_path / "out", 2,
+                                   "--init-adapter", str(original), "--llm", str(make_tiny_llm(family="gemma3"))),
+                     nproc=2)
+    assert proc.returncode == 0, proc.output
+    exported = tmp_path / "out/adapter.safetensors"
+    assert shapes_and_dtypes(exported) == shapes_and_dtypes(original)
+    assert load_foreign_adapter(exported).config.layout == "rouwei-fused"
+
+
+def test_llm_state_cache_is_refused_for_a_published_file(tmp_path):
+    original = write_random_ella(tmp_path / "ella.safetensors", ELLA)
+    proc = run_train(train_command("sd15", tiny_dataset(tmp_path / "data", count=2), tmp_path / "out", 1,
+                                   "--init-adapter", str(original), "--llm", str(make_tiny_t5()),
+                                   "--set", "data.cache_llm_states=true"))
+    assert proc.returncode == 1, proc.output
+    assert "cache_llm_states" in proc.output and "ella.safetensors" in proc.output
