@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from adapter import encode_prompts, load_llm
+from adapter import encode_prompts
 from adapter.foreign import is_foreign
 from training import checkpoint as ckpt
 from training.config import TrainConfig, TrainConfigError
@@ -39,7 +39,7 @@ from training.distributed import end_run
 from training.data import DatasetError, _decode_caption, _folder_candidates, _jsonl_candidates, _shard_paths, _tar_candidates, epoch_batches
 from training.latent_cache import TensorStore
 from training.losses import distillation_loss
-from training.models import BaseModel, BaseModelError, load_base_model
+from training.models import BaseModel, BaseModelError
 from training.state_cache import StateCache, distinct_captions, weights_digest
 
 log = logging.getLogger("training.distill")
@@ -207,23 +207,11 @@ class Distiller(nn.Module):
 def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from: Optional[dict] = None) -> int:
     """Run the distill stage (stage = "distill"); the same setup, checkpoints, export and end of run as the image stage.
     `started_from` ({'preset', 'config_file'}) is recorded in the exported file."""
-    from training.train import (DTYPES, EMA, PhaseTimer, TrainingStopped, build_adapter, export, lr_factor,
-                                restore_checkpoint, step_generator, write_timings)
-
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    weight_dtype = DTYPES[cfg.mixed_precision] if device.type == "cuda" else torch.float32
-    out_dir = Path(cfg.output_dir)
-    resume_from = ckpt.resolve_resume(cfg.resume, out_dir)
-    if cfg.resume == "latest" and resume_from is None and rank == 0:
-        print(f"--resume latest: no checkpoint in {ckpt.checkpoints_dir(out_dir)} yet, starting fresh", flush=True)
+    from training.train import (EMA, PhaseTimer, TrainingStopped, export, lr_factor, restore_checkpoint, setup_run,
+                                step_generator, write_timings)
 
     # 1. Models: the base model is loaded for its text encoders (the teacher) and to check the adapter fits it.
-    base = load_base_model(cfg.model.base_model, cfg.model.base_model_config, cfg.model.family, device, weight_dtype)
-    if not cfg.model.llm:
-        raise TrainConfigError("no LLM given: pass --llm <Hugging Face-format LLM folder>")
-    llm_dtype = weight_dtype if cfg.model.llm_dtype == "auto" else DTYPES[cfg.model.llm_dtype]
-    llm = load_llm(cfg.model.llm, dtype=llm_dtype, device=device)
-    adapter = build_adapter(cfg, llm, base).to(device)
+    device, weight_dtype, out_dir, resume_from, base, llm, adapter = setup_run(cfg, rank, local_rank)
     if is_foreign(adapter.config):  # their text sides run through the image stage only (encode_for in train.py)
         raise TrainConfigError(f"--init-adapter {Path(cfg.model.init_adapter).name} is a published {adapter.config.preset} "
                                "adapter: the distill stage trains this pack's own adapters; fine-tune it with an image "

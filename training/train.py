@@ -386,22 +386,28 @@ def main(argv: Optional[list[str]] = None) -> int:
             lock.release()
 
 
-def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from: Optional[dict] = None) -> int:
-    """The run; `started_from` ({'preset', 'config_file'}) is recorded in the exported file."""
+def setup_run(cfg: TrainConfig, rank: int, local_rank: int):
+    """What every stage starts with: (device, weight dtype, output folder, checkpoint to resume from or None,
+    base model, LLM, adapter), the models loaded and checked to fit together before any data work."""
     device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     weight_dtype = DTYPES[cfg.mixed_precision] if device.type == "cuda" else torch.float32
     out_dir = Path(cfg.output_dir)
     resume_from = ckpt.resolve_resume(cfg.resume, out_dir)
     if cfg.resume == "latest" and resume_from is None and rank == 0:
         print(f"--resume latest: no checkpoint in {ckpt.checkpoints_dir(out_dir)} yet, starting fresh", flush=True)
-
-    # 1. Models, and whether they fit together: before any data work or training.
     base = load_base_model(cfg.model.base_model, cfg.model.base_model_config, cfg.model.family, device, weight_dtype)
     if not cfg.model.llm:
         raise TrainConfigError("no LLM given: pass --llm <Hugging Face-format LLM folder>")
     llm_dtype = weight_dtype if cfg.model.llm_dtype == "auto" else DTYPES[cfg.model.llm_dtype]
     llm = load_llm(cfg.model.llm, dtype=llm_dtype, device=device)
     adapter = build_adapter(cfg, llm, base).to(device)
+    return device, weight_dtype, out_dir, resume_from, base, llm, adapter
+
+
+def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from: Optional[dict] = None) -> int:
+    """The run; `started_from` ({'preset', 'config_file'}) is recorded in the exported file."""
+    # 1. Models, and whether they fit together: before any data work or training.
+    device, weight_dtype, out_dir, resume_from, base, llm, adapter = setup_run(cfg, rank, local_rank)
     template = getattr(adapter.config, "template", None)  # a published adapter has its own text side instead
     if cfg.model.attention_backend == "xformers":
         base.unet.enable_xformers_memory_efficient_attention()

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from support.probes import read_trace, with_probe
-from support.workflows import load_api, nodes_of, pixels, set_prompt
+from support.workflows import load_api, nodes_of, pixels, set_prompt, with_controlnet
 
 ATOL = 1e-4  # the server and this process run the same fp32 CPU code, batched differently
 
@@ -40,18 +40,6 @@ def ella_reference(server, prompt: str, t: float) -> torch.Tensor:
     with torch.no_grad():
         states = encode_text(t5, ELLA_TEXT, [prompt])
         return ella(states.states, None, t).context[0]
-
-
-def with_controlnet(api: dict) -> dict:
-    sampler = nodes_of(api, "KSampler")[0]
-    inputs = api[sampler]["inputs"]
-    api["cn_loader"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "sd15_controlnet_random.safetensors"}}
-    api["cn_hint"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}}
-    api["cn_apply"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-        "positive": inputs["positive"], "negative": inputs["negative"], "control_net": ["cn_loader", 0], "image": ["cn_hint", 0],
-        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
-    inputs.update(positive=["cn_apply", 0], negative=["cn_apply", 1])
-    return api
 
 
 @pytest.mark.parametrize("sampler_name, scheduler", [("euler", "normal"), ("dpmpp_2m", "karras")])

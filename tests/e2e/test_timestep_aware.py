@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from support.probes import read_trace, with_probe
-from support.workflows import load_api, nodes_of, pixels, set_prompt
+from support.workflows import load_api, nodes_of, pixels, set_prompt, with_controlnet
 
 WORKFLOW = "sd15_adapter_timestep_aware"
 ADAPTER = "tiny-qwen2-sd15-timestep.safetensors"
@@ -53,15 +53,8 @@ def reference(comfy_sd15):
 def test_the_context_follows_the_timestep_and_controlnet_sees_the_same(comfy_sd15, reference):
     prompt = "a red cube on a wooden table, seen by a ControlNet"
     api = set_prompt(load_api(comfy_sd15, WORKFLOW), prompt)
-    sampler = nodes_of(api, "KSampler")[0]
-    inputs = api[sampler]["inputs"]
-    inputs.update(steps=3)
-    api["cn_loader"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "sd15_controlnet_random.safetensors"}}
-    api["cn_hint"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}}
-    api["cn_apply"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
-        "positive": inputs["positive"], "negative": inputs["negative"], "control_net": ["cn_loader", 0], "image": ["cn_hint", 0],
-        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
-    inputs.update(positive=["cn_apply", 0], negative=["cn_apply", 1])
+    api[nodes_of(api, "KSampler")[0]]["inputs"].update(steps=3)
+    api = with_controlnet(api)
     result = comfy_sd15.run(with_probe(api), timeout=600)
     pixels(result)
 

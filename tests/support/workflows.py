@@ -115,3 +115,16 @@ def pixels(result) -> np.ndarray:
     # Random weights give noise-like images; NaN conditioning decodes to one flat colour.
     assert all(img.std() > 1.0 for img in images), "an image is flat: the conditioning is NaN or did not reach the UNet"
     return images
+
+
+def with_controlnet(api: dict) -> dict:
+    """A ControlNet (the fixture's random SD1.5 one, a grey hint) applied to the sampler's positive and negative."""
+    sampler = nodes_of(api, "KSampler")[0]
+    inputs = api[sampler]["inputs"]
+    api["cn_loader"] = {"class_type": "ControlNetLoader", "inputs": {"control_net_name": "sd15_controlnet_random.safetensors"}}
+    api["cn_hint"] = {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0x808080}}
+    api["cn_apply"] = {"class_type": "ControlNetApplyAdvanced", "inputs": {
+        "positive": inputs["positive"], "negative": inputs["negative"], "control_net": ["cn_loader", 0], "image": ["cn_hint", 0],
+        "strength": 1.0, "start_percent": 0.0, "end_percent": 1.0}}
+    inputs.update(positive=["cn_apply", 0], negative=["cn_apply", 1])
+    return api
