@@ -59,6 +59,9 @@ def open_frontend(context, url: str, timeout_s: float = 120):
     page.on("response", lambda r: page.responses.append((r.status, r.url)))
     page.on("dialog", lambda d: (page.messages.append(f"alert: {d.message}"), d.dismiss()))
     page.on("pageerror", lambda e: page.messages.append(f"page error: {e}"))
+    # The profile's cache would answer a thumbnail a previous page fetched with no network event, and a test
+    # reads the page's responses to see what the frontend asked for.
+    context.new_cdp_session(page).send("Network.setCacheDisabled", {"cacheDisabled": True})
     page.goto(url, timeout=timeout_s * 1000)
     page.wait_for_function("window.app && window.app.graph && window.app.canvas", timeout=timeout_s * 1000)
     page.wait_for_selector("input[type=file]", state="attached", timeout=timeout_s * 1000)
