@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--steps", type=int, default=IMAGE_STEPS,
                         help=f"dynamic-kl image-stage steps after distillation (default {IMAGE_STEPS}; without "
                              "distillation, what the adapter trains)")
+    parser.add_argument("--seed", type=int, default=0, help="training seed and sampling-noise seed (default 0)")
     parser.add_argument("--sampler-steps", type=int, default=25)
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="miniature untrained assets and a few steps (tests only)")
@@ -112,17 +113,18 @@ def main(argv: list[str] | None = None) -> Path:
     stages.update(1)
 
     run = None
+    seeded = f"-s{args.seed}" if args.seed else ""  # seed 0 keeps the cache folders it always had
     if args.distill_steps:
         stages.set_postfix_str("distilling the teacher's contexts (captions only)")
-        run = cache / f"demo-distill-{run_key(assets, 0, args.distill_steps)}{quick}"
+        run = cache / f"demo-distill-{run_key(assets, 0, args.distill_steps)}{seeded}{quick}"
         flags = ("--batch-size", "4", "--set", "optim.lr=2e-3") if args.quick else DISTILL_FLAGS
-        train_adapter(assets, captions, run, preset="distill", seed=0, max_steps=args.distill_steps, extra=flags)
+        train_adapter(assets, captions, run, preset="distill", seed=args.seed, max_steps=args.distill_steps, extra=flags)
     if args.steps:
         stages.set_postfix_str("training the adapter (dynamic-kl)")
         init = ("--init-adapter", str(run / "adapter.safetensors"), *FINE_TUNE_FLAGS) if run is not None else ()
-        run = cache / f"demo-{run_key(assets, args.steps, args.distill_steps)}{quick}"
+        run = cache / f"demo-{run_key(assets, args.steps, args.distill_steps)}{seeded}{quick}"
         extra = (("--batch-size", "4") if args.quick else ()) + init
-        train_adapter(assets, data, run, preset="dynamic-kl", seed=0, max_steps=args.steps, extra=extra)
+        train_adapter(assets, data, run, preset="dynamic-kl", seed=args.seed, max_steps=args.steps, extra=extra)
     stages.update(1)
 
     stages.set_postfix_str(f"sampling and scoring {args.prompts} held-out prompts")
@@ -135,7 +137,7 @@ def main(argv: list[str] | None = None) -> Path:
     images, checks = {}, {}
     for name, conditioning in arms.items():
         images[name], checks[name] = ev.alignment(base, conditioning, prompts, args.sampler_steps, args.guidance,
-                                                  desc=f"sampling: {name}")
+                                                  seed=args.seed, desc=f"sampling: {name}")
     triplets = ev.make_triplets(base, n=64 if args.quick else 256)
     mse = {name: float(ev.eps_mse(base, conditioning, triplets).mean()) for name, conditioning in arms.items()}
     mse_empty = float(ev.eps_mse(base, ev.empty_conditioning(base), triplets).mean())
@@ -179,7 +181,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"{mse[teacher]:.5f}, adapter {mse[ours]:.5f}, the empty prompt {mse_empty:.5f}: recovered gain "
         f"R = (L_empty - L_adapter) / (L_empty - L_teacher) = {gain:.3f} (1 = the teacher's level, 0 = no better than "
         "the empty prompt).", "",
-        f"![teacher | adapter](samples.png)", "",
+        "![teacher | adapter](samples.png)", "",
         f"Run: {seconds / 60:.1f} min in all. Adapter run (reused when unchanged): `{run}`.", ""]
     (out / "report.md").write_text("\n".join(report), encoding="utf-8")
     stages.update(1)

@@ -45,15 +45,25 @@ def encode_with_adapter(llm: LLMHandle, adapter: AdapterHandle, text: str) -> Ad
         with llm_on_device(llm, memory_required=encode_working_memory(shape, num_tokens)):
             encoded = encode_prompts(llm.loaded, template, [text])
         mm.throw_exception_if_processing_interrupted()
-        load_adapter_for_run(adapter, memory_required=adapter_working_memory(shape, num_tokens))
+    return run_adapter(adapter, key, encoded.hidden_states, encoded.attention_mask, encoded.infos[0],
+                       adapter_working_memory(shape, num_tokens))
+
+
+def run_adapter(adapter: AdapterHandle, key, hidden_states: torch.Tensor, mask: torch.Tensor, info,
+                memory_required: int) -> AdapterEncoding:
+    """The adapter on one prompt's text-model states, stored in the encode cache under `key`: encode_states then
+    decode (exactly adapter.module(hidden_states, mask); a timestep-aware one at its fallback timestep), and for a
+    timestep-aware adapter the t-independent states the per-step wrapper decodes again at every UNet call."""
+    with torch.no_grad():
+        load_adapter_for_run(adapter, memory_required=memory_required)
         device = adapter.patcher.load_device
-        mask = encoded.attention_mask.to(device)
-        states = adapter.module.encode_states(encoded.hidden_states.to(device=device, dtype=torch.float32), mask)
-        out = adapter.module.decode(states, mask)  # exactly adapter.module(hidden_states, mask)
+        mask = mask.to(device)
+        states = adapter.module.encode_states(hidden_states.to(device=device, dtype=torch.float32), mask)
+        out = adapter.module.decode(states, mask)
     as_fp32 = lambda t: None if t is None else t.to(dtype=torch.float32)  # noqa: E731
     step = (states, mask) if adapter.module.timestep_aware else (None, None)
     # put() detaches and moves the tensors to the intermediate device; the conditioning uses that copy.
-    return ENCODE_CACHE.put(key, AdapterEncoding(as_fp32(out.context), as_fp32(out.pooled), encoded.infos[0], from_cache=False,
+    return ENCODE_CACHE.put(key, AdapterEncoding(as_fp32(out.context), as_fp32(out.pooled), info, from_cache=False,
                                                  states=step[0], mask=step[1]))
 
 
@@ -88,13 +98,5 @@ def encode_with_foreign(llm: LLMHandle, adapter: AdapterHandle, text: str, side)
         with llm_on_device(llm, memory_required=encode_working_memory(shape, budget)):
             states = encode_text(llm.loaded, side, [text])
         mm.throw_exception_if_processing_interrupted()
-        load_adapter_for_run(adapter, memory_required=adapter_working_memory(shape, budget))
-        device = adapter.patcher.load_device
-        mask = states.mask.to(device)
-        encoded = adapter.module.encode_states(states.states.to(device=device, dtype=torch.float32), mask)
-        out = adapter.module.decode(encoded, mask)  # a timestep-aware one: at adapter.model.FALLBACK_TIMESTEP
-    as_fp32 = lambda t: None if t is None else t.to(dtype=torch.float32)  # noqa: E731
-    step = (encoded, mask) if adapter.module.timestep_aware else (None, None)
     info = ForeignPromptInfo(states.tokens[0], states.dropped[0], states.prefix_tokens)
-    return ENCODE_CACHE.put(key, AdapterEncoding(as_fp32(out.context), as_fp32(out.pooled), info, from_cache=False,
-                                                 states=step[0], mask=step[1]))
+    return run_adapter(adapter, key, states.states, states.mask, info, adapter_working_memory(shape, budget))

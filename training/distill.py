@@ -207,8 +207,8 @@ class Distiller(nn.Module):
 def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from: Optional[dict] = None) -> int:
     """Run the distill stage (stage = "distill"); the same setup, checkpoints, export and end of run as the image stage.
     `started_from` ({'preset', 'config_file'}) is recorded in the exported file."""
-    from training.train import (EMA, PhaseTimer, TrainingStopped, export, lr_factor, restore_checkpoint, setup_run,
-                                step_generator, write_timings)
+    from training.train import (EMA, PhaseTimer, TrainingStopped, export, lr_factor, optimizer_step, restore_checkpoint,
+                                setup_run, step_generator, write_timings)
 
     # 1. Models: the base model is loaded for its text encoders (the teacher) and to check the adapter fits it.
     device, weight_dtype, out_dir, resume_from, base, llm, adapter = setup_run(cfg, rank, local_rank)
@@ -293,14 +293,8 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
             loss, logs = model(encoded.hidden_states, encoded.attention_mask, timesteps, teacher_context, teacher_pooled)
             accelerator.backward(loss)
         with timer("optimizer"):
-            grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), cfg.optim.grad_clip or float("inf"))
-            losses = accelerator.gather(loss.detach().float().reshape(1))
-            finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-                if ema is not None:
-                    ema.update(raw.adapter, step)
-            optimizer.zero_grad(set_to_none=True)
+            finite, grad_norm, losses = optimizer_step(accelerator, loss, trainable, optimizer, ema, raw.adapter, step,
+                                                       cfg.optim.grad_clip)
         if not finite:
             nonfinite += 1
             log.warning("step %d: non-finite distillation loss/gradient, step skipped (%d of at most %d)", step,

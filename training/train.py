@@ -513,16 +513,8 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
         with timer("student"):
             accelerator.backward(loss)
         with timer("optimizer"):
-            grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), cfg.optim.grad_clip or float("inf"))
-            # Every rank must reach the same verdict, and a NaN loss can still give finite gradients (a NaN
-            # sample's slot may receive no gradient), so check the losses of all ranks and the all-reduced norm.
-            losses = accelerator.gather(loss.detach().float().reshape(1))
-            finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
-            if finite:
-                optimizer.step()
-                if ema is not None:
-                    ema.update(raw.adapter, step)
-            optimizer.zero_grad(set_to_none=True)
+            finite, grad_norm, losses = optimizer_step(accelerator, loss, trainable, optimizer, ema, raw.adapter, step,
+                                                       cfg.optim.grad_clip)
         if not finite:
             nonfinite += 1
             per_sample = raw.loss_fn.last_per_sample
@@ -578,6 +570,22 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
             print(f"skipped {len(dataset.skipped)} sample(s): " + "; ".join(dataset.skipped[:20]), flush=True)
     end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)  # torchrun aborts at exit without it
     return 0
+
+
+def optimizer_step(accelerator, loss, trainable: dict, optimizer, ema: Optional[EMA], adapter: nn.Module, step: int,
+                   grad_clip: float):
+    """Clip, then step (and update the EMA) only if every rank's loss and the all-reduced gradient norm are finite;
+    returns (finite, grad_norm, the losses of all ranks). Every rank must reach the same verdict, and a NaN loss can
+    still give finite gradients (a NaN sample's slot may receive no gradient), hence both checks."""
+    grad_norm = accelerator.clip_grad_norm_(list(trainable.values()), grad_clip or float("inf"))
+    losses = accelerator.gather(loss.detach().float().reshape(1))
+    finite = bool(torch.isfinite(losses).all()) and bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+        if ema is not None:
+            ema.update(adapter, step)
+    optimizer.zero_grad(set_to_none=True)
+    return finite, grad_norm, losses
 
 
 def restore_checkpoint(resume_from: Optional[Path], trainable: dict, ema: Optional[EMA], optimizer, device, is_main: bool,
