@@ -33,7 +33,6 @@ from torch import nn
 
 from adapter import encode_prompts
 from adapter.foreign import is_foreign
-from training import checkpoint as ckpt
 from training.config import TrainConfig, TrainConfigError
 from training.distributed import end_run
 from training.data import DatasetError, _decode_caption, _folder_candidates, _jsonl_candidates, _shard_paths, _tar_candidates, epoch_batches
@@ -208,7 +207,7 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
     """Run the distill stage (stage = "distill"); the same setup, checkpoints, export and end of run as the image stage.
     `started_from` ({'preset', 'config_file'}) is recorded in the exported file."""
     from training.train import (EMA, PhaseTimer, TrainingStopped, export, lr_factor, optimizer_step, restore_checkpoint,
-                                setup_run, step_generator, write_timings)
+                                save_checkpoint, setup_run, step_generator, write_timings)
 
     # 1. Models: the base model is loaded for its text encoders (the teacher) and to check the adapter fits it.
     device, weight_dtype, out_dir, resume_from, base, llm, adapter = setup_run(cfg, rank, local_rank)
@@ -316,13 +315,8 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
                 writer.add_scalar("grad_norm", float(grad_norm), step)
                 writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)
         if step % cfg.checkpoint_every == 0 or step == total or step == cfg.debug.stop_after_step:
-            accelerator.wait_for_everyone()
-            if is_main:
-                state = {"step": step, "data_epoch": epoch, "data_position": position, "nonfinite_steps": nonfinite,
-                         "config": cfg.to_dict(), "adapter_config": raw.adapter.config.to_dict()}
-                ckpt.save(out_dir, step, trainable, ema.shadow if ema else None, optimizer.state_dict(), state,
-                          cfg.checkpoints_keep)
-            accelerator.wait_for_everyone()
+            save_checkpoint(accelerator, is_main, cfg, out_dir, step, epoch, position, nonfinite, trainable, ema, optimizer,
+                            raw.adapter)
         if step == cfg.debug.stop_after_step:
             log.warning("debug.stop_after_step=%d reached: exiting as if preempted", step)
             bar.close()

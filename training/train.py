@@ -481,15 +481,6 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
     step_cpu_times: list[float] = []  # CPU seconds of this process per step (robust to other load on a shared CPU)
     run_start = time.perf_counter()
 
-    def save_checkpoint(at_step: int) -> None:
-        accelerator.wait_for_everyone()
-        if is_main:
-            state = {"step": at_step, "data_epoch": epoch, "data_position": position, "nonfinite_steps": nonfinite,
-                     "config": cfg.to_dict(), "adapter_config": adapter_config_dict(raw.adapter.config)}
-            ckpt.save(out_dir, at_step, trainable, ema.shadow if ema else None, optimizer.state_dict(), state,
-                      cfg.checkpoints_keep)
-        accelerator.wait_for_everyone()
-
     # 5. The loop.
     while step < total:
         t_step, cpu_step = time.perf_counter(), time.process_time()
@@ -548,7 +539,8 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
         if is_main and cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0:
             run_validation(cfg, base, raw.adapter, llm, dataset, device, writer, step)
         if step % cfg.checkpoint_every == 0 or step == total or step == cfg.debug.stop_after_step:
-            save_checkpoint(step)
+            save_checkpoint(accelerator, is_main, cfg, out_dir, step, epoch, position, nonfinite, trainable, ema, optimizer,
+                            raw.adapter)
         if step == cfg.debug.stop_after_step:
             log.warning("debug.stop_after_step=%d reached: exiting as if preempted", step)
             bar.close()
@@ -586,6 +578,17 @@ def optimizer_step(accelerator, loss, trainable: dict, optimizer, ema: Optional[
             ema.update(adapter, step)
     optimizer.zero_grad(set_to_none=True)
     return finite, grad_norm, losses
+
+
+def save_checkpoint(accelerator, is_main: bool, cfg: TrainConfig, out_dir: Path, step: int, epoch: int, position: int,
+                    nonfinite: int, trainable: dict, ema: Optional[EMA], optimizer, adapter: nn.Module) -> None:
+    """The counterpart of restore_checkpoint, written by the main process between two barriers (a collective)."""
+    accelerator.wait_for_everyone()
+    if is_main:
+        state = {"step": step, "data_epoch": epoch, "data_position": position, "nonfinite_steps": nonfinite,
+                 "config": cfg.to_dict(), "adapter_config": adapter_config_dict(adapter.config)}
+        ckpt.save(out_dir, step, trainable, ema.shadow if ema else None, optimizer.state_dict(), state, cfg.checkpoints_keep)
+    accelerator.wait_for_everyone()
 
 
 def restore_checkpoint(resume_from: Optional[Path], trainable: dict, ema: Optional[EMA], optimizer, device, is_main: bool,
