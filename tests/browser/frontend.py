@@ -124,9 +124,11 @@ def read_graph(page) -> list[dict]:
 
 
 def view(page) -> dict:
-    """The canvas transform and the visible area in graph coordinates."""
+    """The canvas transform, its size in the window, and whether the canvas draws nodes in low quality (plain
+    boxes without text: below the zoom where node text reaches LiteGraph.Canvas.MinFontSizeForLOD)."""
     return page.evaluate("""() => { const ds = app.canvas.ds, c = app.canvas.canvas;
-        return {offset: [...ds.offset], scale: ds.scale, width: c.clientWidth, height: c.clientHeight}; }""")
+        return {offset: [...ds.offset], scale: ds.scale, width: c.clientWidth, height: c.clientHeight,
+                low_quality: app.canvas.low_quality}; }""")
 
 
 def overlaps(nodes: list[dict]) -> list[tuple[str, str]]:

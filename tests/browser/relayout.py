@@ -1,16 +1,18 @@
 """Lay out a shipped workflow with the node sizes ComfyUI's frontend really draws (a maintainer's tool).
 
-    PYTHONPATH=tests .venv/bin/python -m browser.relayout workflows/sd15_adapter.json [...]
+    PYTHONPATH=tests:. .venv/bin/python -m browser.relayout workflows/sd15_adapter.json [...]
 
 Starts a test ComfyUI with the pack, opens each file in headless Chromium, reads the height every node
 needs at the width chosen below, and rewrites the file: nodes in columns by their depth in the graph
-(notes first), stacked with a gap, a UUID id derived from the file name (the frontend's schema wants a
-UUID), a saved view (offset and scale) that shows the whole graph in a 1600x1000 window, and <name>.jpg,
+(notes first), stacked with a gap; a graph too long for one row at a readable zoom wraps into two rows
+(a column may split in two or three); a UUID id derived from the file name (the frontend's schema wants
+a UUID), a saved view (offset and scale) that shows the whole graph in a 1600x1000 window, and <name>.jpg,
 the picture the template browser shows for it.
-The browser test (test_frontend.py) checks the result: no overlaps, everything in view.
+The browser test (test_frontend.py) checks the result: no overlaps, everything in view, readable zoom.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import uuid
@@ -26,9 +28,26 @@ FIRST_COLUMN = {"LLMDiffLoadLLM", "LLMDiffLoadAdapter", "UNETLoader", "Checkpoin
 # Stacked under their source instead of a column of their own, so the graph stays narrow enough to read.
 BELOW_SOURCE = {"VAEDecode", "ConditioningCombine"}
 GAP_X, GAP_Y, TITLE = 60, 40, 30
-# The part of a 1600x1000 window where the canvas is not covered: by the side bar (left), the tab bar and the
-# Run toolbar (top) and the minimap (bottom right). The saved view puts the whole graph inside it.
-WINDOW, LEFT, TOP, RIGHT, BOTTOM = (1600, 1000), 60, 140, 1580, 730
+ROW_GAP = 80  # between the two rows of a wrapped graph: wider than GAP_Y so the rows read as two bands
+# The part of a 1600x1000 window where the canvas is not covered: the side bar (left), the tab bar and the
+# Run toolbar (top), the canvas info the frontend draws in the bottom-left corner (bottom) and the minimap
+# with its toolbar in the bottom-right corner (MINIMAP: its top-left corner; measured in frontend 1.32.9).
+# The saved view puts the whole graph inside it.
+WINDOW, LEFT, TOP, RIGHT, BOTTOM = (1600, 1000), 60, 140, 1580, 900
+MINIMAP = (1340, 740)
+MARGIN = 20
+# Frontend 1.32.9 draws nodes without text below LiteGraph.Canvas.MinFontSizeForLOD (8 px) over its 14 px node
+# text size, a scale of 0.57; a saved view at least this large opens readable.
+MIN_SCALE = 0.6
+
+
+def hidden(left: float, top: float, right: float, bottom: float, margin: float = 0) -> bool:
+    """Whether a rectangle in window pixels is (partly) outside the free part of the window."""
+    if left < LEFT + margin or top < TOP + margin or right > RIGHT - margin or bottom > BOTTOM - margin:
+        return True
+    return right > MINIMAP[0] - margin and bottom > MINIMAP[1] - margin
+
+
 NAMESPACE = uuid.UUID("6c1f3a52-45d8-4a3e-9a8e-2f4f0b6e7d10")
 
 
@@ -72,34 +91,112 @@ def _note_height(text: str, width: int) -> int:
     return 30 + lines * 17
 
 
-def layout(ui: dict, heights: dict[int, float]) -> None:
+def _columns(ui: dict, heights: dict[int, float]) -> list[list[list[dict]]]:
+    """Set every node's size; return the columns by depth, each a list of units: a node with the nodes stacked
+    under it (BELOW_SOURCE), which stay together when a column splits."""
     depth = _depths(ui)
     notes = [n for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     for n in ui["nodes"]:
         depth[n["id"]] = 0 if n in notes else depth[n["id"]] + 1
-    columns: dict[int, list[dict]] = {}
-    for n in sorted(ui["nodes"], key=lambda n: (n["type"] in BELOW_SOURCE, n["pos"][1], n["id"])):
-        columns.setdefault(depth[n["id"]], []).append(n)
-    x = 0
-    for col in sorted(columns):
-        width = 0
-        y = 0
-        for n in columns[col]:
-            w = WIDTHS.get(n["type"], DEFAULT_WIDTH)
-            h = FIXED_HEIGHTS.get(n["type"]) or (_note_height(n["widgets_values"][0], w) if n in notes else heights[n["id"]])
-            n["pos"], n["size"] = [x, y + TITLE], [w, int(round(h))]
-            y += TITLE + n["size"][1] + GAP_Y
-            width = max(width, w)
-        x += width + GAP_X
-    min_x = min(n["pos"][0] for n in ui["nodes"])
-    min_y = min(n["pos"][1] - TITLE for n in ui["nodes"])
-    max_x = max(n["pos"][0] + n["size"][0] for n in ui["nodes"])
-    max_y = max(n["pos"][1] + n["size"][1] for n in ui["nodes"])
-    margin = 20
-    scale = min(1.0, (RIGHT - LEFT - 2 * margin) / (max_x - min_x), (BOTTOM - TOP - 2 * margin) / (max_y - min_y))
+        w = WIDTHS.get(n["type"], DEFAULT_WIDTH)
+        h = FIXED_HEIGHTS.get(n["type"]) or (_note_height(n["widgets_values"][0], w) if n in notes else heights[n["id"]])
+        n["size"] = [w, int(round(h))]
+    sources: dict[int, set[int]] = {}
+    for link in ui["links"]:
+        sources.setdefault(link[3], set()).add(link[1])
+    by_depth: dict[int, list[dict]] = {}
+    # The saved reading order (row, then left to right, then top to bottom) is kept, so a hand-made order
+    # survives and laying out a laid-out file changes nothing.
+    row = _rows(ui["nodes"])
+    for n in sorted(ui["nodes"], key=lambda n: (row[n["id"]], n["pos"][0], n["pos"][1], n["id"])):
+        by_depth.setdefault(depth[n["id"]], []).append(n)
+    columns = []
+    for d in sorted(by_depth):
+        units = [[n] for n in by_depth[d] if n["type"] not in BELOW_SOURCE]
+        for n in by_depth[d]:
+            if n["type"] in BELOW_SOURCE:
+                unit = next((u for u in units if any(m["id"] in sources.get(n["id"], ()) for m in u)), None)
+                if unit is None:
+                    units.append([n])
+                else:
+                    unit.append(n)
+        columns.append(units)
+    return columns
+
+
+def _rows(nodes: list[dict]) -> dict[int, int]:
+    """The row of every node in a saved layout: a row ends where the next node down starts more than GAP_Y
+    below every node above it (ROW_GAP separates the rows this tool makes)."""
+    rows, row, bottom = {}, 0, None
+    for n in sorted(nodes, key=lambda n: n["pos"][1]):
+        top = n["pos"][1] - TITLE
+        if bottom is not None and top > bottom + GAP_Y:
+            row += 1
+        bottom = max(bottom if bottom is not None else top, n["pos"][1] + n["size"][1])
+        rows[n["id"]] = row
+    return rows
+
+
+def _splits(units: list[list[dict]], parts: int):
+    """Every way to cut a column's units, in order, into `parts` stacks."""
+    for cuts in itertools.combinations(range(1, len(units)), parts - 1):
+        bounds = (0, *cuts, len(units))
+        yield [sum(units[a:b], []) for a, b in zip(bounds, bounds[1:])]
+
+
+def _place(rows: list[list[list[dict]]]) -> None:
+    """Rows of stacks, left to right; each stack's nodes top to bottom."""
+    top = 0
+    for row in rows:
+        x, bottom = 0, top
+        for stack in row:
+            y, width = top, 0
+            for n in stack:
+                n["pos"] = [x, y + TITLE]
+                y += TITLE + n["size"][1] + GAP_Y
+                width = max(width, n["size"][0])
+            bottom = max(bottom, y - GAP_Y)
+            x += width + GAP_X
+        top = bottom + ROW_GAP
+
+
+def _fit(ui: dict) -> tuple[float, list[float]]:
+    """The largest scale (two decimals, at most 1) at which the graph, its top-left corner at the free part's
+    top-left corner, is all in the free part of the window; and the offset that puts it there."""
+    rects = [(n["pos"][0], n["pos"][1] - TITLE, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in ui["nodes"]]
+    min_x, min_y = min(r[0] for r in rects), min(r[1] for r in rects)
+    width, height = max(r[2] for r in rects) - min_x, max(r[3] for r in rects) - min_y
+    x0, y0 = LEFT + MARGIN, TOP + MARGIN
+    scale = min(1.0, (RIGHT - MARGIN - x0) / width, (BOTTOM - MARGIN - y0) / height)
+    for _, _, right, bottom in rects:  # left of the minimap, or above it
+        scale = min(scale, max((MINIMAP[0] - MARGIN - x0) / (right - min_x), (MINIMAP[1] - MARGIN - y0) / (bottom - min_y)))
     scale = int(scale * 100) / 100
-    offset = [(LEFT + margin) / scale - min_x, (TOP + margin) / scale - min_y]
-    ui.setdefault("extra", {})["ds"] = {"scale": scale, "offset": [round(offset[0], 1), round(offset[1], 1)]}
+    return scale, [round(x0 / scale - min_x, 1), round(y0 / scale - min_y, 1)]
+
+
+def layout(ui: dict, heights: dict[int, float]) -> None:
+    """One row of columns when that opens at MIN_SCALE or more (the common, short graphs). Else the arrangement
+    that opens at the largest scale among two rows, each column whole or split in two or three stacks, the
+    rows wrapped between stacks (loaders and prompts on top, the later stages below); ties go to the fewest
+    stacks, then to fuller stacks on the left."""
+    columns = _columns(ui, heights)
+    one_row = [[sum(units, []) for units in columns]]
+    _place(one_row)
+    best = (_fit(ui)[0], len(columns), one_row)
+    if best[0] < MIN_SCALE:
+        options = [[s for parts in range(1, min(3, len(units)) + 1) for s in reversed(list(_splits(units, parts)))]
+                   for units in columns]
+        for choice in itertools.product(*options):
+            stacks = [s for col in choice for s in col]
+            for wrap in range(1, len(stacks)):
+                rows = [stacks[:wrap], stacks[wrap:]]
+                _place(rows)
+                scale = _fit(ui)[0]
+                if scale > best[0] or (scale == best[0] and len(stacks) < best[1]):
+                    best = (scale, len(stacks), rows)
+    _place(best[2])
+    scale, offset = _fit(ui)
+    ui.setdefault("extra", {})["ds"] = {"scale": scale, "offset": offset}
 
 
 def measure(page, path: Path, ui: dict) -> dict[int, float]:
@@ -110,15 +207,19 @@ def measure(page, path: Path, ui: dict) -> dict[int, float]:
         {str(k): v for k, v in widths.items()}).items()}
 
 
-def thumbnail(page, path: Path) -> None:
+def thumbnail(page, path: Path, ui: dict) -> None:
     """<name>.jpg beside the workflow: what the template browser shows on the card (its only text there is the
-    file name, so the picture carries a readable title)."""
+    file name, so the picture carries a readable title) over the graph at its saved view."""
     import io
 
     from PIL import Image, ImageDraw, ImageFont
 
     frontend.load_file(page, path)
-    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB").crop((LEFT, TOP, RIGHT, BOTTOM))
+    scale, (ox, oy) = ui["extra"]["ds"]["scale"], ui["extra"]["ds"]["offset"]
+    corners = [(n["pos"][0], n["pos"][1] - TITLE, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in ui["nodes"]]
+    box = (int((min(c[0] for c in corners) + ox) * scale) - MARGIN, int((min(c[1] for c in corners) + oy) * scale) - MARGIN,
+           int((max(c[2] for c in corners) + ox) * scale) + MARGIN, int((max(c[3] for c in corners) + oy) * scale) + MARGIN)
+    shot = Image.open(io.BytesIO(page.screenshot())).convert("RGB").crop(box)
     side, banner = 512, 96  # the template browser's cards are square
     shot.thumbnail((side, side - banner))
     image = Image.new("RGB", (side, side), (24, 24, 24))
@@ -160,6 +261,8 @@ def main(paths: list[str]) -> None:
 
     with ComfyServer("relayout") as server, frontend.browser() as context:
         page = frontend.open_frontend(context, server.url)
+        # The thumbnails show the graph alone: the minimap would cover a corner of a graph wrapped into two rows.
+        page.add_style_tag(content=".minimap-main-container { display: none !important; }")
         for name in paths:
             path = Path(name)
             ui = json.loads(path.read_text(encoding="utf-8"))
@@ -167,7 +270,7 @@ def main(paths: list[str]) -> None:
             heights = measure(page, path, ui)
             layout(ui, heights)
             path.write_text(json.dumps(ui, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-            thumbnail(page, path)
+            thumbnail(page, path, ui)
             print(f"{path}: {len(ui['nodes'])} nodes, view {ui['extra']['ds']}")
 
 

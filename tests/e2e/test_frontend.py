@@ -6,7 +6,8 @@ workflows/*.json, opened both from the template browser and by a file drop:
 - no alert, no error or warning toast (the frontend's schema check, missing nodes, bad links);
 - no node type the server does not know;
 - no two node rectangles overlap, as the frontend has drawn them (title bar included);
-- every widget value equals the file's, and the whole graph is inside the window at the saved view;
+- every widget value equals the file's, and the whole graph is inside the window at the saved view, at a
+  zoom where the frontend draws node text (0.6 or more);
 - the template card's thumbnail loads.
 Then the SD1.5 workflow, with the fixture's models picked in its widgets, is queued with the Run button and
 an image must appear in its Save Image node. Screenshots of each workflow land in outputs/browser/
@@ -79,16 +80,19 @@ def check_opened(page, workflow: str, how: str) -> None:
         values = n["widgets_values"]
         assert values == saved[n["id"]].get("widgets_values", []), \
             f"{workflow} ({how}): {n['title']} (node {n['id']}) widget values {values} != the file's {saved[n['id']].get('widgets_values')}"
-    from browser.relayout import BOTTOM, LEFT, RIGHT, TOP
+    from browser.relayout import MIN_SCALE, hidden
 
     view = frontend.view(page)
     scale, (ox, oy) = view["scale"], view["offset"]
     assert [round(ox, 1), round(oy, 1), round(scale, 2)] == [*ui["extra"]["ds"]["offset"], ui["extra"]["ds"]["scale"]]
+    # Readable as it opens: below about 0.57 the frontend draws every node as a plain box until one zooms in.
+    assert scale >= MIN_SCALE and not view["low_quality"], \
+        f"{workflow} ({how}): opens at scale {scale:.2f} (low quality: {view['low_quality']}); it must be {MIN_SCALE} or more"
     for n in nodes:
         x, y, w, h = n["bounding"]
         left, top, right, bottom = (x + ox) * scale, (y + oy) * scale, (x + w + ox) * scale, (y + h + oy) * scale
-        # Inside the part of the window no toolbar, side bar or minimap covers.
-        assert left >= LEFT and top >= TOP and right <= RIGHT and bottom <= BOTTOM, \
+        # Inside the part of the window no toolbar, side bar, canvas info or minimap covers.
+        assert not hidden(left, top, right, bottom), \
             f"{workflow} ({how}): {n['title']} (node {n['id']}) is not in view at the saved view: {left:.0f},{top:.0f}-{right:.0f},{bottom:.0f}"
 
 
