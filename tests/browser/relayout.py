@@ -94,6 +94,7 @@ def _note_height(text: str, width: int) -> int:
 def _columns(ui: dict, heights: dict[int, float]) -> list[list[list[dict]]]:
     """Set every node's size; return the columns by depth, each a list of units: a node with the nodes stacked
     under it (BELOW_SOURCE), which stay together when a column splits."""
+    row = _rows(ui["nodes"])  # with the sizes saved with the positions
     depth = _depths(ui)
     notes = [n for n in ui["nodes"] if n["type"] in ("Note", "MarkdownNote")]
     for n in ui["nodes"]:
@@ -107,7 +108,6 @@ def _columns(ui: dict, heights: dict[int, float]) -> list[list[list[dict]]]:
     by_depth: dict[int, list[dict]] = {}
     # The saved reading order (row, then left to right, then top to bottom) is kept, so a hand-made order
     # survives and laying out a laid-out file changes nothing.
-    row = _rows(ui["nodes"])
     for n in sorted(ui["nodes"], key=lambda n: (row[n["id"]], n["pos"][0], n["pos"][1], n["id"])):
         by_depth.setdefault(depth[n["id"]], []).append(n)
     columns = []
@@ -162,15 +162,15 @@ def _place(rows: list[list[list[dict]]]) -> None:
 
 def _fit(ui: dict) -> tuple[float, list[float]]:
     """The largest scale (two decimals, at most 1) at which the graph, its top-left corner at the free part's
-    top-left corner, is all in the free part of the window; and the offset that puts it there."""
+    top-left corner, is all in the free part of the window, MARGIN inside; and the offset that puts it there."""
     rects = [(n["pos"][0], n["pos"][1] - TITLE, n["pos"][0] + n["size"][0], n["pos"][1] + n["size"][1]) for n in ui["nodes"]]
     min_x, min_y = min(r[0] for r in rects), min(r[1] for r in rects)
-    width, height = max(r[2] for r in rects) - min_x, max(r[3] for r in rects) - min_y
     x0, y0 = LEFT + MARGIN, TOP + MARGIN
-    scale = min(1.0, (RIGHT - MARGIN - x0) / width, (BOTTOM - MARGIN - y0) / height)
-    for _, _, right, bottom in rects:  # left of the minimap, or above it
-        scale = min(scale, max((MINIMAP[0] - MARGIN - x0) / (right - min_x), (MINIMAP[1] - MARGIN - y0) / (bottom - min_y)))
-    scale = int(scale * 100) / 100
+    for hundredths in range(100, 1, -1):
+        scale = hundredths / 100
+        if not any(hidden(x0 + (left - min_x) * scale, y0 + (top - min_y) * scale, x0 + (right - min_x) * scale,
+                          y0 + (bottom - min_y) * scale, MARGIN) for left, top, right, bottom in rects):
+            break
     return scale, [round(x0 / scale - min_x, 1), round(y0 / scale - min_y, 1)]
 
 
