@@ -18,8 +18,8 @@ from PIL import Image
 
 from bench.shapes.assets import ASSETS_VERSION, ensure_assets
 from devkit.cache import cache_dir
+from devkit.processes import run_in_own_group
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def quick_assets():
 
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "LLMDIFF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    result = run_in_own_group([sys.executable, *args], env, timeout=1200)  # the trainers it starts die with it
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -95,6 +95,6 @@ def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets,
     gains = [float(r[2]) for r in rows]
     assert (math.isnan(gains[0]) and all(math.isnan(g) for g in gains)) or (gains[0] == 1.0 and gains[1] == 0.0)
     (tmp_path / "not-a-run").mkdir()
-    refused = subprocess.run([sys.executable, "-m", "bench.shapes.diagnose", "--assets", str(quick_assets), str(tmp_path / "not-a-run")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    refused = run_in_own_group([sys.executable, "-m", "bench.shapes.diagnose", "--assets", str(quick_assets),
+                                str(tmp_path / "not-a-run")], dict(os.environ), timeout=600)
     assert refused.returncode != 0 and "neither an adapter .safetensors file" in refused.stderr
