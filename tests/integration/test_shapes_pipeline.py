@@ -45,8 +45,8 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
         assert {"colour", "shape", "binding", "overall"} <= set(arm)
     assert set(metrics["eps_mse_val"].values()) and all(v > 0 for v in metrics["eps_mse_val"].values())
     run = Path(metrics["adapter_run"])
-    assert (run / "adapter.safetensors").is_file() and "--preset dynamic-kl" in (run / "train.log").read_text() or \
-        json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["config"]["loss"]["teacher_schedule"] == "cosine"
+    assert (run / "adapter.safetensors").is_file() and ("--preset dynamic-kl" in (run / "train.log").read_text() or
+        json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["config"]["loss"]["teacher_schedule"] == "cosine")
     # distillation first (captions only), then the image stage from its adapter
     distilled = [p for p in (tmp_path / "cache" / "shapes").iterdir() if p.name.startswith("demo-distill-")]
     assert len(distilled) == 1 and (distilled[0] / "adapter.safetensors").is_file()

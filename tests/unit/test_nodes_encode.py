@@ -56,9 +56,10 @@ def test_empty_prompt_is_the_adapters_empty_conditioning(env, qwen, sd15, encode
     assert "0 of 256 tokens used" in info
 
 
-def test_non_latin_and_emoji(qwen, sd15, encode):
+def test_non_latin_and_emoji(env, qwen, sd15, encode):
     [[context, _]], info = encode(qwen, sd15, "一只红色的猫 🐱 на крыше")
     assert torch.isfinite(context).all()
+    torch.testing.assert_close(context, adapter_output(env[0], qwen, sd15, "一只红色的猫 🐱 на крыше").context)
     assert "truncated" not in info
 
 

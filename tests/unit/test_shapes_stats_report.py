@@ -39,6 +39,9 @@ def test_paired_ci_counts_seed_to_seed_variation():
     seeds = np.stack([np.ones(200), np.zeros(200)])
     two = mean_ci(seeds)
     assert (two[2] - two[1]) > (one_seed[2] - one_seed[1])
+    # paired: the same holds for a difference between two arms whose seeds disagree
+    paired_two, paired_one = paired_ci(seeds, np.full_like(seeds, 0.5)), paired_ci(prompts, np.full_like(prompts, 0.5))
+    assert (paired_two[2] - paired_two[1]) > (paired_one[2] - paired_one[1])
 
 
 def test_paired_ci_refuses_unpaired_shapes():
