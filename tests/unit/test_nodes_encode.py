@@ -145,7 +145,8 @@ def test_half_copied_llm_folder_fails_clearly(env):
         env[1]["LLMDiffLoadLLM"].execute("half-copied", "auto")
 
 
-@pytest.mark.parametrize("name, expected", [("truncated.safetensors", "truncated|re-download|corrupt"), ("pickle.safetensors", "safetensors")])
+@pytest.mark.parametrize("name, expected", [("truncated.safetensors", "is truncated.*re-download"),
+                                            ("pickle.safetensors", r"pickle/PyTorch file; adapters must be \.safetensors")])
 def test_broken_adapter_files_fail_clearly(env, name, expected):
     with pytest.raises(pack_module("adapter").AdapterFileError, match=expected):
         env[1]["LLMDiffLoadAdapter"].execute(name)

@@ -61,6 +61,9 @@ def test_comparison_grid_puts_columns_side_by_side_with_exact_pixels(tmp_path):
     assert image.shape[1] > 2 * 2 * 64 * SCALE  # two cells of two images per row
     colours = {tuple(p) for p in image.reshape(-1, 3)}
     assert (200, 0, 0) in colours and (0, 0, 200) in colours
+    # every pixel of every image drawn, unblended: n tiles of (64 * SCALE)^2 pixels per column
+    for colour in ((200, 0, 0), (0, 0, 200)):
+        assert (image == colour).all(-1).sum() == n * (64 * SCALE) ** 2
 
 
 def test_markdown_table_formats_floats():
