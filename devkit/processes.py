@@ -25,14 +25,18 @@ REPO = Path(__file__).resolve().parents[1]
 _PR_SET_PDEATHSIG = 1
 
 
-def _tie_to_parent(sig: int, parent: int):
+def _tie_to_parent(sig: int):
     """A preexec_fn: ask the kernel to send `sig` to the child when its parent dies; if the parent is already gone
-    (it died between fork and prctl, so the kernel will never signal), die now."""
+    (it died between fork and prctl, so the kernel will never signal), die now. libc is looked up here, in the
+    parent: loading a library in a child forked from a threaded process can deadlock."""
+    try:
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None  # no glibc: the group kill on stop/timeout is all there is
+    parent = os.getpid()
+
     def tie() -> None:
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig))
-        except (OSError, AttributeError):
-            return  # no glibc prctl: the group kill on stop/timeout is all there is
+        prctl(_PR_SET_PDEATHSIG, int(sig))
         if os.getppid() != parent:
             os._exit(1)
     return tie
@@ -41,7 +45,7 @@ def _tie_to_parent(sig: int, parent: int):
 def spawn(cmd: list[str], *, parent_death_signal: int = signal.SIGKILL, **popen_kwargs) -> subprocess.Popen:
     """subprocess.Popen(cmd, **popen_kwargs) in a new session, signalled with `parent_death_signal` when this
     process dies. Use SIGTERM for a launcher (torchrun) that must pass the end on to workers in sessions of their own."""
-    preexec = _tie_to_parent(parent_death_signal, os.getpid()) if sys.platform.startswith("linux") else None
+    preexec = _tie_to_parent(parent_death_signal) if sys.platform.startswith("linux") else None
     return subprocess.Popen(cmd, start_new_session=True, preexec_fn=preexec, **popen_kwargs)
 
 
