@@ -21,7 +21,6 @@ from devkit.cache import cache_dir
 from devkit.processes import run_in_own_group
 
 
-
 @pytest.fixture(scope="module")
 def quick_assets():
     return ensure_assets(cache_dir() / f"shapes-assets-quick-v{ASSETS_VERSION}", seed=0, quick=True)
