@@ -35,7 +35,8 @@ Pinned API (the node and workflow tests are written against it; extend, never ch
       .peak_rss_mb() -> int | None          the server process's high-water RSS (VmHWM), kept after stop()
       .stop()                               kills the whole process group (SIGTERM, then SIGKILL);
                                             idempotent; also runs at interpreter exit, and the server
-                                            gets SIGTERM if the test process dies (PR_SET_PDEATHSIG)
+                                            gets SIGKILL if the test process dies (devkit.processes.spawn;
+                                            start servers from the main thread, see its caveat)
 
     RunResult: .ok (bool), .status ("success" | "error" | "rejected"), .prompt_id, .error (dict or None:
         {"kind": "validation", "error": {...}, "node_errors": {...}} for a 400 from POST /prompt, or
@@ -50,7 +51,6 @@ Set LLMDIFF_KEEP_COMFY=1 to keep each server's base directory (log, outputs) aft
 from __future__ import annotations
 
 import atexit
-import ctypes
 import hashlib
 import json
 import logging
@@ -69,6 +69,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from devkit.cache import cache_dir, vendored_comfyui_source
+from devkit.processes import spawn
 
 log = logging.getLogger(__name__)
 
@@ -318,14 +319,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """Runs in the child before exec: SIGTERM it if the test process dies without cleaning up."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-    except OSError:
-        pass
-
-
 class ComfyServer:
     """One ComfyUI process on 127.0.0.1 with its own models/, custom_nodes/ and output/ (see module doc)."""
 
@@ -398,8 +391,9 @@ class ComfyServer:
         env["PYTHONPATH"] = os.pathsep.join(_server_pythonpath() + [p for p in [os.environ.get("PYTHONPATH")] if p])
         self._object_info = None
         self._log_file = open(self.log_path, "ab")
-        self._proc = subprocess.Popen(cmd, cwd=self.comfy_dir, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
+        # SIGKILL when this process dies: a pytest killed with SIGTERM/SIGKILL runs no finalizer or atexit handler
+        self._proc = spawn(cmd, parent_death_signal=signal.SIGKILL, cwd=self.comfy_dir, env=env, stdout=self._log_file,
+                           stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         started = time.monotonic()
         deadline = started + self.startup_timeout
         while time.monotonic() < deadline:

@@ -3,12 +3,12 @@
     tiny_dataset(folder, count=6, corrupt=0) -> Path     # PNGs of a few aspect ratios + .txt captions
     train_command(kind, data, out, steps, *extra) -> list[str]   # the CLI args for a tiny run
     run_train(args, nproc=1) -> CompletedProcess          # nproc > 1 launches through torchrun
-    run_in_own_group(cmd, env, timeout) -> CompletedProcess  # its process group is killed on timeout
+    run_in_own_group(cmd, env, timeout) -> CompletedProcess  # from devkit.processes: its process group is killed on
+                                                          # timeout, and it dies with this process
 """
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from devkit.cache import cache_dir
+from devkit.processes import REPO, run_in_own_group
 from devkit.tiny_models import make_tiny_llm
 from devkit.tiny_pipelines import tiny_pipeline
 
-REPO = Path(__file__).resolve().parents[1]
 SIZES = [(32, 32), (40, 32), (32, 48), (64, 64), (32, 32), (48, 32)]
 
 
@@ -60,38 +60,3 @@ def run_train(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess
     else:
         cmd = [sys.executable, "-m", "training.train", *args]
     return run_in_own_group(cmd, env, timeout)
-
-
-def kill_tree(pid: int) -> None:
-    """SIGKILL the process group of `pid` and the group of every descendant: torchrun starts each worker in a
-    session of its own, so killing the launcher's group alone would leave the ranks running."""
-    import psutil  # a dependency of accelerate
-
-    try:
-        groups = {os.getpgid(p.pid) for p in psutil.Process(pid).children(recursive=True)}
-    except (psutil.NoSuchProcess, ProcessLookupError):
-        groups = set()
-    for group in [pid, *groups]:  # the launcher leads its own group (start_new_session)
-        try:
-            os.killpg(group, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
-def run_in_own_group(cmd: list[str], env: dict, timeout: int) -> subprocess.CompletedProcess:
-    """Run `cmd` in a session of its own; on timeout kill it with all its descendants (kill_tree), so no rank
-    can outlive the test."""
-    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          start_new_session=True) as popen:
-        try:
-            stdout, stderr = popen.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(popen.pid)
-            stdout, stderr = popen.communicate()
-            raise subprocess.TimeoutExpired(cmd, timeout, output=stdout, stderr=stderr) from None
-        finally:
-            if popen.poll() is None:  # an exception other than the timeout (e.g. KeyboardInterrupt)
-                kill_tree(popen.pid)
-    proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
-    proc.output = proc.stdout + proc.stderr  # one place to search for messages
-    return proc

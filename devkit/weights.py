@@ -32,13 +32,13 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from devkit.cache import cache_dir
+from devkit.processes import run_in_own_group
 
 log = logging.getLogger(__name__)
 
@@ -280,7 +280,7 @@ def _build_subprocess(name: str) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     log.info("building random %s weights into %s (one-off, cached)", name, weights_dir(name))
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "devkit.weights", name], env=env, capture_output=True, text=True)
+    proc = run_in_own_group([sys.executable, "-m", "devkit.weights", name], env, timeout=None)  # dies with this process
     if proc.returncode != 0:
         raise RuntimeError(f"building the random {name} weights failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
     log.info("built %s weights in %.0f s", name, time.monotonic() - start)

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import tarfile
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,6 +84,16 @@ def _decode_caption(raw: bytes, where: str, skipped: list[str]) -> str | None:
         return None
 
 
+# Why a sample is skipped: each entry of Dataset.skipped reads "<sample>: <reason> ..." with one of these reasons.
+SKIP_REASONS = ("unreadable image", "caption is not valid UTF-8", "no caption file")
+
+
+def describe_skipped(skipped: list[str]) -> str:
+    """'3 sample(s) (unreadable image: 2, caption is not valid UTF-8: 1)': how many, and how many for each reason."""
+    counts = Counter(next((r for r in SKIP_REASONS if f": {r}" in entry), "other") for entry in skipped)
+    return f"{len(skipped)} sample(s) ({', '.join(f'{reason}: {n}' for reason, n in counts.items())})"
+
+
 def _folder_candidates(root: Path, skipped: list[str]) -> list[tuple[str, str, str, str]]:
     out = []
     for path in sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTS):
@@ -133,7 +144,7 @@ def _tar_candidates(shards: list[Path], skipped: list[str]) -> list[tuple[str, s
                     continue
                 caption = members.get(f"{stem}.txt")
                 if caption is None:
-                    skipped.append(f"{shard.name}:{name}: no {stem}.txt in the shard")
+                    skipped.append(f"{shard.name}:{name}: no caption file {stem}.txt in the shard")
                     continue
                 text = _decode_caption(tar.extractfile(caption).read(), f"{shard.name}:{caption.name}", skipped)
                 if text is not None:
@@ -168,8 +179,7 @@ def scan_dataset(path: str, resolution: int, bucket_step: int, max_aspect: float
         samples.append(Sample(sample_name, caption, width, height, source, member))
 
     if skipped:
-        log.warning("skipped %d image(s): %s", len(skipped),
-                    "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
+        log.warning("skipped %s: %s", describe_skipped(skipped), "; ".join(skipped[:20]) + (" ..." if len(skipped) > 20 else ""))
     if not samples:
         why = f"{len(skipped)} candidate(s) were skipped: {'; '.join(skipped[:10])}" if skipped else (
             f"no images ({', '.join(IMAGE_EXTS)}) were found")

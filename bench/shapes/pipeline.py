@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional
+
+from devkit.processes import spawn
 
 from .assets import BASE_FOLDER, LM_FOLDER
 
@@ -84,7 +87,9 @@ def train_adapter(assets: Path, data: Path, out: str | Path, preset: str, seed: 
         # One thread: these models are tiny, and on a shared 2-core machine two OpenMP threads per process made
         # the trainer 5-10x slower while other jobs ran (measured: 1.1 -> 5-10 s/step), see bench/shapes/assets.py.
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-        process = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.PIPE, text=True, bufsize=1, env=env)
+        # tied to this process: a study or demo that is killed (or a test that kills it) leaves no trainer behind
+        process = spawn(cmd, parent_death_signal=signal.SIGTERM, stdout=log_file, stderr=subprocess.PIPE, text=True,
+                        bufsize=1, env=env)
         for line in process.stderr:
             log_file.write(line)
             if not quiet:

@@ -38,7 +38,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,6 +45,7 @@ from pathlib import Path
 import pytest
 
 from devkit.comfyui import ComfyServer, repo_root
+from devkit.processes import run_in_own_group
 from devkit import weights as weights_mod
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def _mem_available_gib() -> float:
 def _adapter_init(llm: Path, target: str, out: Path, *extra: str) -> None:
     cmd = [sys.executable, "-m", "adapter", "init", "--llm", str(llm), "--target", target, "--out", str(out), *extra]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo_root())] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    proc = subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=300)
+    proc = run_in_own_group(cmd, env, timeout=300)
     if proc.returncode != 0:
         raise RuntimeError(f"`{' '.join(cmd[1:])}` failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
 

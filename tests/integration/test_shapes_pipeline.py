@@ -18,8 +18,7 @@ from PIL import Image
 
 from bench.shapes.assets import ASSETS_VERSION, ensure_assets
 from devkit.cache import cache_dir
-
-ROOT = Path(__file__).resolve().parents[2]
+from devkit.processes import run_in_own_group
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +28,7 @@ def quick_assets():
 
 def _run(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "LLMDIFF_CACHE": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
+    result = run_in_own_group([sys.executable, *args], env, timeout=1200)  # the trainers it starts die with it
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
 
@@ -45,8 +44,8 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
         assert {"colour", "shape", "binding", "overall"} <= set(arm)
     assert set(metrics["eps_mse_val"].values()) and all(v > 0 for v in metrics["eps_mse_val"].values())
     run = Path(metrics["adapter_run"])
-    assert (run / "adapter.safetensors").is_file() and "--preset dynamic-kl" in (run / "train.log").read_text() or \
-        json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["config"]["loss"]["teacher_schedule"] == "cosine"
+    assert (run / "adapter.safetensors").is_file() and ("--preset dynamic-kl" in (run / "train.log").read_text() or
+        json.loads((run / "checkpoints" / "step-00000003" / "state.json").read_text())["config"]["loss"]["teacher_schedule"] == "cosine")
     # distillation first (captions only), then the image stage from its adapter
     distilled = [p for p in (tmp_path / "cache" / "shapes").iterdir() if p.name.startswith("demo-distill-")]
     assert len(distilled) == 1 and (distilled[0] / "adapter.safetensors").is_file()
@@ -95,6 +94,6 @@ def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets,
     gains = [float(r[2]) for r in rows]
     assert (math.isnan(gains[0]) and all(math.isnan(g) for g in gains)) or (gains[0] == 1.0 and gains[1] == 0.0)
     (tmp_path / "not-a-run").mkdir()
-    refused = subprocess.run([sys.executable, "-m", "bench.shapes.diagnose", "--assets", str(quick_assets), str(tmp_path / "not-a-run")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=600)
+    refused = run_in_own_group([sys.executable, "-m", "bench.shapes.diagnose", "--assets", str(quick_assets),
+                                str(tmp_path / "not-a-run")], dict(os.environ), timeout=600)
     assert refused.returncode != 0 and "neither an adapter .safetensors file" in refused.stderr

@@ -14,7 +14,7 @@ def test_corrupt_images_are_named_and_nan_steps_are_skipped_then_stop(tmp_path):
     proc = run_train(train_command("sd15", data, tmp_path / "out", 4, "--set", "debug.inject_nan_at_step=[0, 2]",
                                    "--set", "max_nonfinite_steps=1"))
     # the corrupt image: skipped, counted, named
-    assert "skipped 1 image(s): broken0.png: unreadable image" in proc.output
+    assert "skipped 1 sample(s) (unreadable image: 1): broken0.png: unreadable image" in proc.output
     # step 0: non-finite, skipped, the poisoned sample (the batch's first) named; training went on
     assert "step 0: non-finite loss/gradient, step skipped (1 of at most 1)" in proc.output
     assert "samples with a non-finite loss on rank 0: ['img" in proc.output

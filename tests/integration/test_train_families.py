@@ -1,7 +1,7 @@
 """The trainer on tiny SDXL-like and SD2 v-prediction-like pipelines; CLIP-concat, validation images,
 and a UNet LoRA that ComfyUI's own LoRA loader maps with zero unmatched keys."""
 import json
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from adapter import load_adapter, read_adapter_config
 from devkit.cache import vendored_comfyui_source
+from devkit.processes import run_in_own_group
 from devkit.tiny_pipelines import tiny_pipeline
 from devkit.train_runs import run_train, tiny_dataset, train_command
 
@@ -46,11 +47,9 @@ def test_v_prediction_with_unet_lora_loads_in_comfyui(tmp_path):
     assert config.training["unet_lora"] == "unet_lora.safetensors"
     lora_file = tmp_path / "out/unet_lora.safetensors"
 
-    report = subprocess.run(
+    report = run_in_own_group(
         [sys.executable, str(Path(__file__).with_name("comfy_lora_check.py")), str(vendored_comfyui_source()),
-         str(tiny_pipeline("sd2v") / "unet"), str(lora_file)],
-        capture_output=True, text=True, timeout=240,
-    )
+         str(tiny_pipeline("sd2v") / "unet"), str(lora_file)], dict(os.environ), timeout=240)
     assert report.returncode == 0, report.stdout + report.stderr
     result = json.loads(report.stdout.strip().splitlines()[-1])
     assert result["missing"] == [] and result["unexpected"] == []  # ComfyUI's UNet has this exact structure

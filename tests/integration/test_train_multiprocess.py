@@ -15,6 +15,7 @@ def test_torchrun_two_processes(tmp_path):
     assert proc.returncode == 0, proc.output
     # the pre-step cached latents without communication: each of the 2 ranks encoded its half
     assert "latent cache: encoded 3 of 3 images" in proc.output
+    assert "of 6 images" not in proc.output  # rank 0's pass over all 6 found rank 1's half already on disk
     assert "terminate called" not in proc.output
     assert proc.output.count("adapter written:") == 1  # only the main process exports
     checkpoints = sorted(p.name for p in (tmp_path / "out/checkpoints").iterdir())

@@ -142,6 +142,7 @@ def test_two_processes_fine_tune_a_published_file(tmp_path):
                                    "--init-adapter", str(original), "--llm", str(make_tiny_llm(family="gemma3"))),
                      nproc=2)
     assert proc.returncode == 0, proc.output
+    assert proc.output.count("adapter written:") == 1  # rank 0 only
     exported = tmp_path / "out/adapter.safetensors"
     assert shapes_and_dtypes(exported) == shapes_and_dtypes(original)
     assert load_foreign_adapter(exported).config.layout == "rouwei-fused"

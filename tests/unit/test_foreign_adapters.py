@@ -148,7 +148,7 @@ def test_own_format_still_loads_through_load_any_adapter():
     assert isinstance(module, LLMDiffAdapter)
 
 
-def test_file_shapes_reads_header_only():
+def test_file_shapes_gives_tensor_shapes_and_metadata_from_a_header():
     shapes, metadata = file_shapes(read_header(DATA / "ella_small.safetensors"))
     assert shapes["connector.latents"] == (8, 64) and "config" in metadata
 

@@ -75,7 +75,9 @@ def test_plain_text_prompt_without_a_chat_template():
     ids = build_generation_prompt(llama2.tokenizer, "Expand:", "a boat")
     assert ids[0] == llama2.tokenizer.bos_token_id
     assert llama2.tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == "Expand:\n\naboat\n\nCaption:".replace(" ", "")
-    assert enhance_prompt(llama2, "a boat", "Expand:", GenerationSettings(4, 0, **RANDOM)) is not None
+    steps = []
+    text = enhance_prompt(llama2, "a boat", "Expand:", GenerationSettings(4, 0, **RANDOM), on_token=steps.append)
+    assert isinstance(text, str) and 1 <= len(steps) <= 4  # it generated, within max_new_tokens
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama", "gemma2"])

@@ -44,8 +44,9 @@ def test_manifest_lists_every_file_with_its_hash(assets):
     on_disk = {p.relative_to(assets).as_posix() for p in assets.rglob("*") if p.is_file()} - {"manifest.json"}
     assert set(manifest["files"]) == on_disk
     import hashlib
-    config = manifest["files"][f"{LM_FOLDER}/config.json"]
-    assert config["sha256"] == hashlib.sha256((assets / LM_FOLDER / "config.json").read_bytes()).hexdigest()
+    assert f"{LM_FOLDER}/config.json" in manifest["files"]
+    for name, entry in manifest["files"].items():
+        assert entry["sha256"] == hashlib.sha256((assets / name).read_bytes()).hexdigest(), name
     assert manifest["total_bytes"] == sum(f["bytes"] for f in manifest["files"].values())
     for key in ("val_perplexity", "heldout_perplexity", "train_seconds"):
         assert np.isfinite(manifest["lm"][key])

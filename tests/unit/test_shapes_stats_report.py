@@ -39,6 +39,9 @@ def test_paired_ci_counts_seed_to_seed_variation():
     seeds = np.stack([np.ones(200), np.zeros(200)])
     two = mean_ci(seeds)
     assert (two[2] - two[1]) > (one_seed[2] - one_seed[1])
+    # paired: the same holds for a difference between two arms whose seeds disagree
+    paired_two, paired_one = paired_ci(seeds, np.full_like(seeds, 0.5)), paired_ci(prompts, np.full_like(prompts, 0.5))
+    assert (paired_two[2] - paired_two[1]) > (paired_one[2] - paired_one[1])
 
 
 def test_paired_ci_refuses_unpaired_shapes():
@@ -58,6 +61,9 @@ def test_comparison_grid_puts_columns_side_by_side_with_exact_pixels(tmp_path):
     assert image.shape[1] > 2 * 2 * 64 * SCALE  # two cells of two images per row
     colours = {tuple(p) for p in image.reshape(-1, 3)}
     assert (200, 0, 0) in colours and (0, 0, 200) in colours
+    # every pixel of every image drawn, unblended: n tiles of (64 * SCALE)^2 pixels per column
+    for colour in ((200, 0, 0), (0, 0, 200)):
+        assert (image == colour).all(-1).sum() == n * (64 * SCALE) ** 2
 
 
 def test_markdown_table_formats_floats():

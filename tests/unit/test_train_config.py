@@ -7,6 +7,8 @@ from training.config import (
     TrainConfigError,
     config_from_dict,
     list_presets,
+    load_toml,
+    preset_path,
     resolve_config,
 )
 from training.losses import LossConfig
@@ -49,10 +51,16 @@ def test_named_flags_map_to_their_keys(tmp_path):
 
 
 def test_every_preset_resolves_and_differs_from_default_only_where_it_says():
+    def flat(tree, prefix=""):
+        return {k: v for key, value in tree.items()
+                for k, v in (flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value}).items()}
+
     default = TrainConfig().to_dict()
     for name in list_presets():
         cfg, _ = resolve_config(["--preset", name])
         assert cfg.to_dict()["model"] == default["model"]
+        changed = {k for k, v in flat(cfg.to_dict()).items() if v != flat(default)[k]}
+        assert changed <= set(flat(load_toml(preset_path(name), name))), (name, changed)
     last, _ = resolve_config(["--preset", "last-layer"])
     assert last.arch.fusion == "last"
     cyc, _ = resolve_config(["--preset", "cyclical-teacher"])

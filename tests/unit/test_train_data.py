@@ -37,7 +37,7 @@ def test_tar_shards_and_skipped_members(tmp_path):
             tar.addfile(info, io.BytesIO(data))
     ds = scan_dataset(str(tmp_path), 32, 16, 2.0, True)
     assert [s.name for s in ds.samples] == ["shard-000.tar:k1"]
-    assert any("shard-000.tar:k2: unreadable image" in s for s in ds.skipped) and any("no k3.txt" in s for s in ds.skipped)
+    assert any("shard-000.tar:k2: unreadable image" in s for s in ds.skipped) and any("k3.png: no caption file k3.txt" in s for s in ds.skipped)
     pixels, sizes = load_pixels(ds.samples[0], (32, 32))
     assert pixels.shape == (3, 32, 32) and pixels[0].mean() == 1.0  # red channel at +1
     assert sizes.tolist() == [32, 32, 0, 0, 32, 32]

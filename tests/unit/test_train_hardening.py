@@ -63,6 +63,21 @@ def test_bad_utf8_caption_in_a_tar_shard_is_skipped_and_nothing_usable_stops(tmp
         scan_dataset(str(tmp_path), 32, 16, 2.0, True)
 
 
+def test_the_skip_warning_counts_samples_per_reason(tmp_path, caplog):
+    for name, image, caption in [("good", png(), b"fine"), ("bad_caption", png(), BAD_UTF8),
+                                 ("bad_image", b"not a png", b"fine"), ("no_caption", png(), None)]:
+        (tmp_path / f"{name}.png").write_bytes(image)
+        if caption is not None:
+            (tmp_path / f"{name}.txt").write_bytes(caption)
+    with caplog.at_level("WARNING", logger="training.data"):
+        ds = scan_dataset(str(tmp_path), 32, 16, 2.0, True)
+    assert [s.name for s in ds.samples] == ["good.png"]
+    warning = next(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert warning.startswith("skipped 3 sample(s) (caption is not valid UTF-8: 1, no caption file: 1, unreadable image: 1): "
+                              "bad_caption.png: caption is not valid UTF-8"), warning
+    assert "no_caption.png: no caption file no_caption.txt" in warning and "bad_image.png: unreadable image" in warning
+
+
 # ---------------------------------------------------------------------------------------------
 # one run per output folder
 
