@@ -28,7 +28,7 @@ is adapter.foreign.text.encode_text (the node's code), ELLA runs at each sample'
 keeps the file's own key layout and dtype (docs/training_public_adapters.md).
 
 Precedence of settings: defaults < --preset < --config < named flags < --set key=value (training/config.py).
-Test-only hooks live under [debug] (debug.inject_nan_at_step, debug.stop_after_step).
+Test-only hooks live under [debug] (debug.inject_nan_at_step, debug.stop_after_step; training/debug.py).
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ import time
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -53,7 +53,6 @@ from adapter import (
     LLMDiffAdapter,
     check_context_dim,
     check_llm_matches,
-    encode_prompts,
     load_llm,
     make_target,
     record_chat_template,
@@ -61,11 +60,13 @@ from adapter import (
 )
 from adapter.file_format import read_header
 from adapter.foreign import is_foreign, load_any_adapter, save_foreign_adapter
-from adapter.foreign.text import check_pairing, encode_text, node_text_side
+from adapter.foreign.text import check_pairing
 from training import checkpoint as ckpt
+from training.conditioning import adapter_context, adapter_context_at, encode_for
 from training.config import (DEFAULT_PRESET, TrainConfig, TrainConfigError, format_config, missing_inputs, resolve_config,
                              shareable_dict)
 from training.data import Dataset, DatasetError, epoch_batches, load_pixels, scan_dataset
+from training.debug import nan_in_adapter_output
 from training.distributed import end_run
 from training.latent_cache import LatentCache, fill, vae_fingerprint
 from training.lora import add_unet_lora, export_comfy_lora, lora_disabled
@@ -141,47 +142,6 @@ class EMA:
         for n, p in module.named_parameters():
             self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
 
-    def copy_to(self, module: nn.Module) -> nn.Module:
-        with torch.no_grad():
-            for n, p in module.named_parameters():
-                p.copy_(self.shadow[n].to(p.dtype))
-        return module
-
-
-class ForeignEncoded(NamedTuple):
-    """A published adapter's input in the fields adapter_context reads (EncodedPrompts has the same two)."""
-
-    hidden_states: torch.Tensor
-    attention_mask: torch.Tensor
-
-
-def encode_for(adapter: nn.Module, llm, template, prompts: list[str]):
-    """The adapter's input for `prompts`: every layer's states through our chat template for our adapters; for a
-    published one (RouWei, ELLA) its own text side with the node's default settings, through the same
-    adapter.foreign.text.encode_text that LLMDiffTextEncode runs, so what is trained is what is sampled."""
-    config = adapter.config
-    if is_foreign(config):
-        states = encode_text(llm, node_text_side(config, llm), prompts)
-        return ForeignEncoded(states.states.float(), states.mask)
-    return encode_prompts(llm, template, prompts)
-
-
-def adapter_context(adapter: nn.Module, encoded, clip_context: Optional[torch.Tensor],
-                    timesteps: Optional[torch.Tensor] = None):
-    """LLM states -> (context [B, N(+77), C], pooled or None): the adapter's conditioning, followed by the frozen
-    CLIP tokens when training the CLIP-concat mode (the order LLMDiffTextEncode's `concat` uses: adapter
-    tokens first, then CLIP's). Shared by the training step and the validation sampler. `timesteps` [B] is
-    each sample's diffusion timestep: a timestep-aware adapter is conditioned on it, a static one ignores it."""
-    return with_clip(adapter(encoded.hidden_states, encoded.attention_mask, timesteps), clip_context)
-
-
-def with_clip(out, clip_context: Optional[torch.Tensor]):
-    """AdapterOutput -> (context, pooled), with the CLIP tokens appended in the CLIP-concat mode."""
-    context = out.context
-    if clip_context is not None:
-        context = torch.cat([context, clip_context.to(context.dtype)], dim=1)
-    return context, out.pooled
-
 
 class Student(nn.Module):
     """Everything trained (adapter, UNet LoRA, learned loss weighting) and the forward that trains it;
@@ -199,7 +159,7 @@ class Student(nn.Module):
         self.cfg, self.timer, self.template = cfg, timer, template
         self.llm_states = llm_states  # the opt-in LLM-state cache; None = run the LLM on each step's captions
 
-    def forward(self, latents, noise, timesteps, prompts, sizes, step: int, total_steps: int, inject_nan: bool):
+    def forward(self, latents, noise, timesteps, prompts, sizes, step: int, total_steps: int):
         base, llm = self.frozen
         x_t = base.scheduler.add_noise(latents, noise, timesteps)
         need_teacher = self.loss_fn.needs_teacher(step, total_steps)
@@ -218,9 +178,6 @@ class Student(nn.Module):
             context, pooled = adapter_context(self.adapter, encoded, clip_context if self.cfg.model.concat_clip else None,
                                               timesteps)
             student_eps = base.predict_eps(x_t, timesteps, context, pooled, sizes)
-            if inject_nan:  # test-only hook (debug.inject_nan_at_step): poison the first sample
-                student_eps = student_eps.clone()
-                student_eps[0] = float("nan")
             loss, logs = self.loss_fn(noise, student_eps, teacher_eps, timesteps, step, total_steps)
         return loss, logs
 
@@ -313,19 +270,6 @@ def load_batch(dataset: Dataset, indices: list[int], keys: Optional[dict[int, st
 
 # ---------------------------------------------------------------------------------------------
 # validation images
-
-
-@torch.no_grad()
-def adapter_context_at(adapter: nn.Module, llm, prompts: list[str], clip_context: Optional[torch.Tensor] = None):
-    """`context_at(t)` for training.sampling.ddim_sample: the adapter's conditioning of `prompts` (positives then
-    negatives). The LLM runs once; a timestep-aware adapter decodes its t-independent states at each sampler
-    timestep, a static one returns the same tensors every time."""
-    encoded = encode_for(adapter, llm, getattr(adapter.config, "template", None), prompts)
-    if adapter.timestep_aware:
-        states = adapter.encode_states(encoded.hidden_states, encoded.attention_mask)
-        return lambda t: with_clip(adapter.decode(states, encoded.attention_mask, t), clip_context)
-    fixed = adapter_context(adapter, encoded, clip_context)
-    return lambda t: fixed
 
 
 @torch.no_grad()
@@ -500,7 +444,8 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule)
 
-        loss, logs = student(latents, noise, timesteps, prompts, sizes, step, total, step in cfg.debug.inject_nan_at_step)
+        with nan_in_adapter_output(raw.adapter, step in cfg.debug.inject_nan_at_step):
+            loss, logs = student(latents, noise, timesteps, prompts, sizes, step, total)
         with timer("student"):
             accelerator.backward(loss)
         with timer("optimizer"):
@@ -644,8 +589,8 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
     import copy
 
     adapter = copy.deepcopy(raw.adapter).eval()
-    if ema is not None:
-        ema.copy_to(adapter)
+    weights, kind = ckpt.adapter_weights(dict(raw.named_parameters()), ema.shadow if ema is not None else None)
+    adapter.load_state_dict(weights, strict=True)
     lora_file = ""
     if cfg.lora.enabled:
         lora_file = "unet_lora.safetensors"
@@ -661,7 +606,7 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
         "base_model": base.name,
         "base_family": base.family,
         "prediction_type": base.prediction_type,
-        "weights": "ema" if ema is not None else "raw",
+        "weights": kind,
         "ema_decay": cfg.ema_decay,
         "unet_lora": lora_file,
         "init_adapter": Path(cfg.model.init_adapter).name if cfg.model.init_adapter else "",
@@ -674,7 +619,7 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
     else:
         config = dataclasses.replace(adapter.config, training=training)
         path = save_adapter(out_dir / "adapter.safetensors", adapter, config)
-    print(f"adapter written: {path} ({'EMA' if ema is not None else 'raw'} weights, {step} steps)"
+    print(f"adapter written: {path} ({'EMA' if kind == 'ema' else 'raw'} weights, {step} steps)"
           + (f"; UNet LoRA for ComfyUI's LoraLoader: {out_dir / lora_file}" if lora_file else ""), flush=True)
 
 
