@@ -35,7 +35,7 @@ from adapter import encode_prompts
 from adapter.foreign import is_foreign
 from training.config import TrainConfig, TrainConfigError
 from training.distributed import end_run
-from training.data import DatasetError, _decode_caption, _folder_candidates, _jsonl_candidates, _shard_paths, _tar_candidates
+from training.data import DatasetError, decode_caption, find_candidates
 from training.latent_cache import TensorStore
 from training.losses import distillation_loss
 from training.models import BaseModel, BaseModelError
@@ -72,11 +72,11 @@ def read_captions(path: str, caption_column: str = "text", name: str = "") -> Ca
     skipped: list[str] = []
     if source.is_file() and source.suffix == ".txt":
         captions = [text for number, raw in enumerate(source.read_bytes().splitlines(), 1)
-                    if (text := _decode_caption(raw, f"{source.name} line {number}", skipped)) is not None]
+                    if (text := decode_caption(raw, f"{source.name} line {number}", skipped)) is not None]
     elif source.is_file() and source.suffix == ".jsonl":
         captions = []
         for number, raw in enumerate(source.read_bytes().splitlines(), 1):
-            line = _decode_caption(raw, f"{source.name} line {number}", skipped)
+            line = decode_caption(raw, f"{source.name} line {number}", skipped)
             if line is None or not line.strip():
                 continue
             try:
@@ -85,12 +85,8 @@ def read_captions(path: str, caption_column: str = "text", name: str = "") -> Ca
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise DatasetError(f"{source} line {number}: expected a JSON object with a {caption_column!r} key "
                                    f"({type(err).__name__}: {err}); set data.caption_column") from None
-    elif source.is_dir() and (source / "metadata.jsonl").is_file():
-        captions = [c for _, c, _, _ in _jsonl_candidates(source, "file_name", caption_column, skipped)]
-    elif _shard_paths(path):
-        captions = [c for _, c, _, _ in _tar_candidates(_shard_paths(path), skipped)]
-    elif source.is_dir():
-        captions = [c for _, c, _, _ in _folder_candidates(source, skipped)]
+    elif (found := find_candidates(path, "file_name", caption_column, skipped)) is not None:
+        captions = [c for _, c, _, _ in found[1]]
     else:
         raise DatasetError(f"caption source {path} does not exist: pass a .txt file (one caption per line), a .jsonl "
                            "file, an image folder with .txt captions, a folder with metadata.jsonl, or .tar shards")
