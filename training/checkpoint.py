@@ -7,6 +7,9 @@ Layout of `<output_dir>/checkpoints/step-00000100/`:
     state.json              step, data position, counters, the resolved config, the adapter config
     COMPLETE                the sentinel, written last
 
+`load_checkpoint_adapter(folder)` rebuilds the adapter a checkpoint holds, with the weights the run's export
+would have written at that step (`adapter_weights` decides which: EMA or raw, for both).
+
 A checkpoint is written into a hidden temporary folder, the sentinel goes in last, and only then is
 the folder renamed into place, so `latest()` never returns a half-written checkpoint, whatever
 moment the job dies at; a checkpoint of a step already on disk is swapped in with one atomic rename.
@@ -28,9 +31,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from adapter import AdapterConfig, LLMDiffAdapter
+
 log = logging.getLogger(__name__)
 
 SENTINEL = "COMPLETE"
+ADAPTER_PREFIX = "adapter."  # the adapter's parameters among the trained module's (Student, Distiller)
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
@@ -160,6 +166,26 @@ def load(path: Path) -> dict[str, Any]:
         "optimizer": _optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), meta),
         "state": json.loads((path / "state.json").read_text(encoding="utf-8")),
     }
+
+
+def adapter_weights(parameters: dict[str, torch.Tensor],
+                    ema: Optional[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], str]:
+    """The adapter weights a run exports, and which they are ('ema' or 'raw'): the EMA weights when the run
+    keeps an EMA, else the trained weights themselves (the `adapter.` entries of `parameters`, the trained
+    module's parameters by name). export() writes these and load_checkpoint_adapter() reads them back, so a
+    checkpoint's adapter is the file its run would have exported at that step."""
+    if ema is not None:
+        return ema, "ema"
+    return {k.removeprefix(ADAPTER_PREFIX): v for k, v in parameters.items() if k.startswith(ADAPTER_PREFIX)}, "raw"
+
+
+def load_checkpoint_adapter(checkpoint: str | Path) -> LLMDiffAdapter:
+    """The adapter of a training checkpoint (fp32, eval mode), with the weights adapter_weights() picks."""
+    saved = load(Path(checkpoint))
+    adapter = LLMDiffAdapter(AdapterConfig.from_dict(saved["state"]["adapter_config"]))
+    weights, _ = adapter_weights(saved["trainable"], saved["ema"])
+    adapter.load_state_dict(weights, strict=True)
+    return adapter.to(torch.float32).eval()
 
 
 def _rotate(output_dir: str | Path, keep: int) -> None:

@@ -115,7 +115,7 @@ class DistillConfig:
 class DebugConfig:
     """Test-only hooks: they exist so the integration tests can reach error paths on tiny models."""
 
-    inject_nan_at_step: list[int] = field(default_factory=list)  # make the student output NaN at these steps
+    inject_nan_at_step: list[int] = field(default_factory=list)  # the first sample's adapter context is NaN at these steps
     stop_after_step: int = 0  # exit(3) right after this step's checkpoint, as if the job were preempted
 
 
@@ -386,13 +386,6 @@ def resolve_config(argv: Optional[list[str]] = None) -> tuple[TrainConfig, argpa
         merge_into(cfg, nest(key, value), f"--set {item}")
     cfg.validate()
     return cfg, args
-
-
-def config_from_dict(data: dict[str, Any]) -> TrainConfig:
-    """Rebuild a TrainConfig from its `to_dict()` (as stored in a checkpoint)."""
-    cfg = TrainConfig()
-    merge_into(cfg, data, "stored config")
-    return cfg
 
 
 # Keys holding local file or folder paths: a shared adapter file keeps only their last component.

@@ -74,7 +74,7 @@ def _probe(data: bytes | str) -> tuple[int, int]:
         return img.size
 
 
-def _decode_caption(raw: bytes, where: str, skipped: list[str]) -> str | None:
+def decode_caption(raw: bytes, where: str, skipped: list[str]) -> str | None:
     """UTF-8 text, or None after naming `where` in `skipped`: a broken caption skips its sample, as a broken image does."""
     try:
         return raw.decode("utf-8")
@@ -101,7 +101,7 @@ def _folder_candidates(root: Path, skipped: list[str]) -> list[tuple[str, str, s
         if not caption_file.is_file():
             skipped.append(f"{path.relative_to(root)}: no caption file {caption_file.name}")
             continue
-        caption = _decode_caption(caption_file.read_bytes(), str(path.relative_to(root)), skipped)
+        caption = decode_caption(caption_file.read_bytes(), str(path.relative_to(root)), skipped)
         if caption is not None:
             out.append((str(path.relative_to(root)), caption.strip(), str(path), ""))
     return out
@@ -110,7 +110,7 @@ def _folder_candidates(root: Path, skipped: list[str]) -> list[tuple[str, str, s
 def _jsonl_candidates(root: Path, image_column: str, caption_column: str, skipped: list[str]) -> list[tuple[str, str, str, str]]:
     out = []
     for number, raw in enumerate((root / "metadata.jsonl").read_bytes().splitlines(), 1):
-        line = _decode_caption(raw, f"metadata.jsonl line {number}", skipped)
+        line = decode_caption(raw, f"metadata.jsonl line {number}", skipped)
         if line is None or not line.strip():
             continue
         try:
@@ -146,10 +146,25 @@ def _tar_candidates(shards: list[Path], skipped: list[str]) -> list[tuple[str, s
                 if caption is None:
                     skipped.append(f"{shard.name}:{name}: no caption file {stem}.txt in the shard")
                     continue
-                text = _decode_caption(tar.extractfile(caption).read(), f"{shard.name}:{caption.name}", skipped)
+                text = decode_caption(tar.extractfile(caption).read(), f"{shard.name}:{caption.name}", skipped)
                 if text is not None:
                     out.append((f"{shard.name}:{stem}", text.strip(), str(shard), name))
     return out
+
+
+def find_candidates(path: str, image_column: str, caption_column: str,
+                    skipped: list[str]) -> tuple[str, list[tuple[str, str, str, str]]] | None:
+    """(layout, [(name, caption, image file or shard, tar member or "")]) of a dataset in any of the three layouts;
+    None when `path` is none of them. Images are not opened yet; a missing or broken caption is named in `skipped`.
+    The distill stage reads a dataset's captions through this too."""
+    root = Path(path)
+    if root.is_dir() and (root / "metadata.jsonl").is_file():
+        return "metadata.jsonl", _jsonl_candidates(root, image_column, caption_column, skipped)
+    if _shard_paths(path):
+        return "tar shards", _tar_candidates(_shard_paths(path), skipped)
+    if root.is_dir():
+        return "image folder", _folder_candidates(root, skipped)
+    return None
 
 
 def scan_dataset(path: str, resolution: int, bucket_step: int, max_aspect: float, use_buckets: bool,
@@ -159,14 +174,10 @@ def scan_dataset(path: str, resolution: int, bucket_step: int, max_aspect: float
         raise DatasetError("no dataset given: pass --data <image folder | folder with metadata.jsonl | .tar shards>")
     root = Path(path)
     skipped: list[str] = []
-    if root.is_dir() and (root / "metadata.jsonl").is_file():
-        layout, candidates = "metadata.jsonl", _jsonl_candidates(root, image_column, caption_column, skipped)
-    elif _shard_paths(path):
-        layout, candidates = "tar shards", _tar_candidates(_shard_paths(path), skipped)
-    elif root.is_dir():
-        layout, candidates = "image folder", _folder_candidates(root, skipped)
-    else:
+    found = find_candidates(path, image_column, caption_column, skipped)
+    if found is None:
         raise DatasetError(f"dataset {path} does not exist (expected a folder or .tar shards)")
+    layout, candidates = found
 
     samples: list[Sample] = []
     for sample_name, caption, source, member in candidates:

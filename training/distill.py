@@ -35,7 +35,7 @@ from adapter import encode_prompts
 from adapter.foreign import is_foreign
 from training.config import TrainConfig, TrainConfigError
 from training.distributed import end_run
-from training.data import DatasetError, _decode_caption, _folder_candidates, _jsonl_candidates, _shard_paths, _tar_candidates, epoch_batches
+from training.data import DatasetError, decode_caption, find_candidates
 from training.latent_cache import TensorStore
 from training.losses import distillation_loss
 from training.models import BaseModel, BaseModelError
@@ -72,11 +72,11 @@ def read_captions(path: str, caption_column: str = "text", name: str = "") -> Ca
     skipped: list[str] = []
     if source.is_file() and source.suffix == ".txt":
         captions = [text for number, raw in enumerate(source.read_bytes().splitlines(), 1)
-                    if (text := _decode_caption(raw, f"{source.name} line {number}", skipped)) is not None]
+                    if (text := decode_caption(raw, f"{source.name} line {number}", skipped)) is not None]
     elif source.is_file() and source.suffix == ".jsonl":
         captions = []
         for number, raw in enumerate(source.read_bytes().splitlines(), 1):
-            line = _decode_caption(raw, f"{source.name} line {number}", skipped)
+            line = decode_caption(raw, f"{source.name} line {number}", skipped)
             if line is None or not line.strip():
                 continue
             try:
@@ -85,12 +85,8 @@ def read_captions(path: str, caption_column: str = "text", name: str = "") -> Ca
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise DatasetError(f"{source} line {number}: expected a JSON object with a {caption_column!r} key "
                                    f"({type(err).__name__}: {err}); set data.caption_column") from None
-    elif source.is_dir() and (source / "metadata.jsonl").is_file():
-        captions = [c for _, c, _, _ in _jsonl_candidates(source, "file_name", caption_column, skipped)]
-    elif _shard_paths(path):
-        captions = [c for _, c, _, _ in _tar_candidates(_shard_paths(path), skipped)]
-    elif source.is_dir():
-        captions = [c for _, c, _, _ in _folder_candidates(source, skipped)]
+    elif (found := find_candidates(path, "file_name", caption_column, skipped)) is not None:
+        captions = [c for _, c, _, _ in found[1]]
     else:
         raise DatasetError(f"caption source {path} does not exist: pass a .txt file (one caption per line), a .jsonl "
                            "file, an image folder with .txt captions, a folder with metadata.jsonl, or .tar shards")
@@ -206,12 +202,12 @@ class Distiller(nn.Module):
 def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from: Optional[dict] = None) -> int:
     """Run the distill stage (stage = "distill"); the same setup, checkpoints, export and end of run as the image stage.
     `started_from` ({'preset', 'config_file'}) is recorded in the exported file."""
-    from training.train import (EMA, PhaseTimer, TrainingStopped, export, lr_factor, optimizer_step, restore_checkpoint,
-                                save_checkpoint, setup_run, step_generator, write_timings)
+    from training.train import (EMA, BatchOrder, PhaseTimer, RunLog, TrainingStopped, export, lr_factor, optimizer_step,
+                                restore_checkpoint, save_checkpoint, setup_run, step_generator, write_timings)
 
     # 1. Models: the base model is loaded for its text encoders (the teacher) and to check the adapter fits it.
     device, weight_dtype, out_dir, resume_from, base, llm, adapter = setup_run(cfg, rank, local_rank)
-    if is_foreign(adapter.config):  # their text sides run through the image stage only (encode_for in train.py)
+    if is_foreign(adapter.config):  # their text sides run through the image stage only (conditioning.encode_for)
         raise TrainConfigError(f"--init-adapter {Path(cfg.model.init_adapter).name} is a published {adapter.config.preset} "
                                "adapter: the distill stage trains this pack's own adapters; fine-tune it with an image "
                                "preset instead (e.g. --preset dynamic-kl)")
@@ -250,33 +246,20 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
     raw = accelerator.unwrap_model(model)
     trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
     ema = EMA(raw.adapter, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    step, epoch, position, nonfinite = restore_checkpoint(resume_from, trainable, ema, optimizer, device, is_main, cfg.max_steps)
+    progress = restore_checkpoint(resume_from, trainable, ema, optimizer, device, is_main, cfg.max_steps)
     total = cfg.max_steps
     num_timesteps = int(base.scheduler.config.num_train_timesteps)
 
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(out_dir / "logs"))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=step, disable=not is_main, desc="distill", dynamic_ncols=True)
-    order = [0] * len(captions.samples)  # one bucket: captions have no shape
-    batches = epoch_batches(order, cfg.batch_size, cfg.seed, epoch, accelerator.process_index, accelerator.num_processes)
-    step_times: list[float] = []
-    step_cpu_times: list[float] = []
-    run_start = time.perf_counter()
-    while step < total:
-        t_step, cpu_step = time.perf_counter(), time.process_time()
+    meter = RunLog(out_dir, is_main, total, progress.step, desc="distill")
+    process = accelerator.process_index
+    one_bucket = [0] * len(captions.samples)  # captions have no shape
+    order = BatchOrder(one_bucket, cfg.batch_size, cfg.seed, progress.epoch, process, accelerator.num_processes)
+    meter.start_clock()
+    while progress.step < total:
+        step, started = progress.step, (time.perf_counter(), time.process_time())
         with timer("data"):
-            if position >= len(batches):
-                epoch, position = epoch + 1, 0
-                batches = epoch_batches(order, cfg.batch_size, cfg.seed, epoch, accelerator.process_index,
-                                        accelerator.num_processes)
-            chosen = [captions.samples[i] for i in batches[position]]
-            position += 1
-            gen = step_generator(cfg.seed, step, accelerator.process_index)
+            chosen = [captions.samples[i] for i in order.next(progress)]
+            gen = step_generator(cfg.seed, step, process)
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # adapter dropout, if any
             drop = (torch.rand(len(chosen), generator=gen) < cfg.data.caption_dropout).tolist()
             prompts = ["" if d else c for d, c in zip(drop, chosen)]  # "" -> the teacher's empty-prompt context
@@ -295,38 +278,26 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
             finite, grad_norm, losses = optimizer_step(accelerator, loss, trainable, optimizer, ema, raw.adapter, step,
                                                        cfg.optim.grad_clip)
         if not finite:
-            nonfinite += 1
+            progress.nonfinite += 1
             log.warning("step %d: non-finite distillation loss/gradient, step skipped (%d of at most %d)", step,
-                        nonfinite, cfg.max_nonfinite_steps)
-            if nonfinite > cfg.max_nonfinite_steps:
-                raise TrainingStopped(f"stopping at step {step}: {nonfinite} steps had a non-finite loss or gradient "
-                                      f"(limit max_nonfinite_steps={cfg.max_nonfinite_steps}); lower optim.lr")
-        step += 1
-        step_times.append(time.perf_counter() - t_step)
-        step_cpu_times.append(time.process_time() - cpu_step)
-        mean_loss = float(losses.mean())
-        if is_main:
-            bar.set_postfix(loss=f"{mean_loss:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                for key, value in logs.items():
-                    writer.add_scalar(key, value, step)
-                writer.add_scalar("loss/mean_over_ranks", mean_loss, step)
-                writer.add_scalar("grad_norm", float(grad_norm), step)
-                writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)
+                        progress.nonfinite, cfg.max_nonfinite_steps)
+            if progress.nonfinite > cfg.max_nonfinite_steps:
+                raise TrainingStopped(f"stopping at step {step}: {progress.nonfinite} steps had a non-finite loss or "
+                                      f"gradient (limit max_nonfinite_steps={cfg.max_nonfinite_steps}); lower optim.lr")
+        progress.step = step = step + 1
+        meter.step_done(step, started, losses, grad_norm, optimizer.param_groups[0]["lr"], logs, cfg.log_every)
         if step % cfg.checkpoint_every == 0 or step == total or step == cfg.debug.stop_after_step:
-            save_checkpoint(accelerator, is_main, cfg, out_dir, step, epoch, position, nonfinite, trainable, ema, optimizer,
-                            raw.adapter)
+            save_checkpoint(accelerator, is_main, cfg, out_dir, progress, trainable, ema, optimizer, raw.adapter)
         if step == cfg.debug.stop_after_step:
             log.warning("debug.stop_after_step=%d reached: exiting as if preempted", step)
-            bar.close()
+            meter.bar.close()
             end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)
             return 3
-    bar.close()
+    meter.bar.close()
     accelerator.wait_for_everyone()
     if is_main:
-        export(cfg, raw, ema, base, captions, step, out_dir, started_from)
-        write_timings(timer, step_times, step_cpu_times, time.perf_counter() - run_start, out_dir)
-        writer.close()
+        export(cfg, raw, ema, base, captions, progress.step, out_dir, started_from)
+        write_timings(timer, meter, out_dir)
+        meter.writer.close()
     end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)  # as in the image stage
     return 0

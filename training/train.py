@@ -28,7 +28,7 @@ is adapter.foreign.text.encode_text (the node's code), ELLA runs at each sample'
 keeps the file's own key layout and dtype (docs/training_public_adapters.md).
 
 Precedence of settings: defaults < --preset < --config < named flags < --set key=value (training/config.py).
-Test-only hooks live under [debug] (debug.inject_nan_at_step, debug.stop_after_step).
+Test-only hooks live under [debug] (debug.inject_nan_at_step, debug.stop_after_step; training/debug.py).
 """
 from __future__ import annotations
 
@@ -41,8 +41,9 @@ import sys
 import time
 from collections import defaultdict
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -53,7 +54,6 @@ from adapter import (
     LLMDiffAdapter,
     check_context_dim,
     check_llm_matches,
-    encode_prompts,
     load_llm,
     make_target,
     record_chat_template,
@@ -61,11 +61,13 @@ from adapter import (
 )
 from adapter.file_format import read_header
 from adapter.foreign import is_foreign, load_any_adapter, save_foreign_adapter
-from adapter.foreign.text import check_pairing, encode_text, node_text_side
+from adapter.foreign.text import check_pairing
 from training import checkpoint as ckpt
+from training.conditioning import adapter_context, adapter_context_at, encode_for
 from training.config import (DEFAULT_PRESET, TrainConfig, TrainConfigError, format_config, missing_inputs, resolve_config,
                              shareable_dict)
 from training.data import Dataset, DatasetError, epoch_batches, load_pixels, scan_dataset
+from training.debug import nan_in_adapter_output
 from training.distributed import end_run
 from training.latent_cache import LatentCache, fill, vae_fingerprint
 from training.lora import add_unet_lora, export_comfy_lora, lora_disabled
@@ -141,46 +143,76 @@ class EMA:
         for n, p in module.named_parameters():
             self.shadow[n].mul_(d).add_(p.detach().float(), alpha=1 - d)
 
-    def copy_to(self, module: nn.Module) -> nn.Module:
-        with torch.no_grad():
-            for n, p in module.named_parameters():
-                p.copy_(self.shadow[n].to(p.dtype))
-        return module
+
+@dataclass
+class Progress:
+    """Where a run stands: what a checkpoint records beside the weights, and what resuming restores."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the data epoch
+    position: int = 0  # the next batch of that epoch
+    nonfinite: int = 0  # steps skipped so far for a non-finite loss or gradient
 
 
-class ForeignEncoded(NamedTuple):
-    """A published adapter's input in the fields adapter_context reads (EncodedPrompts has the same two)."""
+class BatchOrder:
+    """The batches of each data epoch (training.data.epoch_batches: shuffled per epoch, split across processes),
+    walked from a Progress: a run resumed at (epoch, position) draws exactly the batches it would have drawn."""
 
-    hidden_states: torch.Tensor
-    attention_mask: torch.Tensor
+    def __init__(self, bucket_of: list[int], batch_size: int, seed: int, epoch: int, process: int, processes: int):
+        self.args = (bucket_of, batch_size, seed)
+        self.process, self.processes = process, processes
+        self.batches = epoch_batches(*self.args, epoch, process, processes)
 
-
-def encode_for(adapter: nn.Module, llm, template, prompts: list[str]):
-    """The adapter's input for `prompts`: every layer's states through our chat template for our adapters; for a
-    published one (RouWei, ELLA) its own text side with the node's default settings, through the same
-    adapter.foreign.text.encode_text that LLMDiffTextEncode runs, so what is trained is what is sampled."""
-    config = adapter.config
-    if is_foreign(config):
-        states = encode_text(llm, node_text_side(config, llm), prompts)
-        return ForeignEncoded(states.states.float(), states.mask)
-    return encode_prompts(llm, template, prompts)
-
-
-def adapter_context(adapter: nn.Module, encoded, clip_context: Optional[torch.Tensor],
-                    timesteps: Optional[torch.Tensor] = None):
-    """LLM states -> (context [B, N(+77), C], pooled or None): the adapter's conditioning, followed by the frozen
-    CLIP tokens when training the CLIP-concat mode (the order LLMDiffTextEncode's `concat` uses: adapter
-    tokens first, then CLIP's). Shared by the training step and the validation sampler. `timesteps` [B] is
-    each sample's diffusion timestep: a timestep-aware adapter is conditioned on it, a static one ignores it."""
-    return with_clip(adapter(encoded.hidden_states, encoded.attention_mask, timesteps), clip_context)
+    def next(self, progress: Progress) -> list[int]:
+        """The sample indices of the batch at `progress` (moving it on, into the next epoch after the last batch)."""
+        if progress.position >= len(self.batches):
+            progress.epoch, progress.position = progress.epoch + 1, 0
+            self.batches = epoch_batches(*self.args, progress.epoch, self.process, self.processes)
+        progress.position += 1
+        return self.batches[progress.position - 1]
 
 
-def with_clip(out, clip_context: Optional[torch.Tensor]):
-    """AdapterOutput -> (context, pooled), with the CLIP tokens appended in the CLIP-concat mode."""
-    context = out.context
-    if clip_context is not None:
-        context = torch.cat([context, clip_context.to(context.dtype)], dim=1)
-    return context, out.pooled
+class RunLog:
+    """A run's progress bar and TensorBoard scalars (main process only) and every step's wall and CPU seconds
+    (what write_timings sums up); both stages log through it."""
+
+    def __init__(self, out_dir: Path, is_main: bool, total: int, initial: int, desc: str):
+        self.is_main, self.total = is_main, total
+        self.writer = None
+        if is_main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(out_dir / "logs"))
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, initial=initial, disable=not is_main, desc=desc, dynamic_ncols=True)
+        self.step_times: list[float] = []  # wall seconds per step
+        self.step_cpu_times: list[float] = []  # CPU seconds of this process per step (robust to other load on a shared CPU)
+        self.start = time.perf_counter()
+
+    def start_clock(self) -> None:
+        """The run's wall time (write_timings' `wall_s`) counts from here: right before the first step."""
+        self.start = time.perf_counter()
+
+    def step_done(self, step: int, started: tuple[float, float], losses: torch.Tensor, grad_norm, lr: float, logs: dict,
+                  every: int) -> bool:
+        """Record the step that began at `started` ((perf_counter, process_time)) and ends now, `step` steps done;
+        the main process moves the bar and, every `every` steps and at the last, writes the scalars: True then."""
+        self.step_times.append(time.perf_counter() - started[0])
+        self.step_cpu_times.append(time.process_time() - started[1])
+        mean_loss = float(losses.mean())  # averaged over processes
+        if not self.is_main:
+            return False
+        self.bar.set_postfix(loss=f"{mean_loss:.4f}", it_s=f"{1 / max(self.step_times[-1], 1e-9):.2f}")
+        self.bar.update(1)
+        if not (step % every == 0 or step == self.total):
+            return False
+        self.write(step, {**logs, "loss/mean_over_ranks": mean_loss, "grad_norm": float(grad_norm), "lr": lr})
+        return True
+
+    def write(self, step: int, scalars: dict[str, float]) -> None:
+        for key, value in scalars.items():
+            self.writer.add_scalar(key, value, step)
 
 
 class Student(nn.Module):
@@ -199,7 +231,7 @@ class Student(nn.Module):
         self.cfg, self.timer, self.template = cfg, timer, template
         self.llm_states = llm_states  # the opt-in LLM-state cache; None = run the LLM on each step's captions
 
-    def forward(self, latents, noise, timesteps, prompts, sizes, step: int, total_steps: int, inject_nan: bool):
+    def forward(self, latents, noise, timesteps, prompts, sizes, step: int, total_steps: int):
         base, llm = self.frozen
         x_t = base.scheduler.add_noise(latents, noise, timesteps)
         need_teacher = self.loss_fn.needs_teacher(step, total_steps)
@@ -218,9 +250,6 @@ class Student(nn.Module):
             context, pooled = adapter_context(self.adapter, encoded, clip_context if self.cfg.model.concat_clip else None,
                                               timesteps)
             student_eps = base.predict_eps(x_t, timesteps, context, pooled, sizes)
-            if inject_nan:  # test-only hook (debug.inject_nan_at_step): poison the first sample
-                student_eps = student_eps.clone()
-                student_eps[0] = float("nan")
             loss, logs = self.loss_fn(noise, student_eps, teacher_eps, timesteps, step, total_steps)
         return loss, logs
 
@@ -316,19 +345,6 @@ def load_batch(dataset: Dataset, indices: list[int], keys: Optional[dict[int, st
 
 
 @torch.no_grad()
-def adapter_context_at(adapter: nn.Module, llm, prompts: list[str], clip_context: Optional[torch.Tensor] = None):
-    """`context_at(t)` for training.sampling.ddim_sample: the adapter's conditioning of `prompts` (positives then
-    negatives). The LLM runs once; a timestep-aware adapter decodes its t-independent states at each sampler
-    timestep, a static one returns the same tensors every time."""
-    encoded = encode_for(adapter, llm, getattr(adapter.config, "template", None), prompts)
-    if adapter.timestep_aware:
-        states = adapter.encode_states(encoded.hidden_states, encoded.attention_mask)
-        return lambda t: with_clip(adapter.decode(states, encoded.attention_mask, t), clip_context)
-    fixed = adapter_context(adapter, encoded, clip_context)
-    return lambda t: fixed
-
-
-@torch.no_grad()
 def validation_images(base: BaseModel, adapter: nn.Module, llm, cfg: TrainConfig, size: tuple[int, int], device):
     """Sample the fixed validation prompts with DDIM and classifier-free guidance against the empty prompt."""
     from PIL import Image
@@ -404,8 +420,50 @@ def setup_run(cfg: TrainConfig, rank: int, local_rank: int):
     return device, weight_dtype, out_dir, resume_from, base, llm, adapter
 
 
+@dataclass
+class ImageRun:
+    """Everything the image stage's loop works with, built by setup_image_stage (in the order it builds them)."""
+
+    cfg: TrainConfig
+    device: torch.device
+    out_dir: Path
+    resume_from: Optional[Path]  # the checkpoint to continue from, None for a fresh run
+    base: BaseModel
+    llm: object
+    dataset: Dataset
+    cache: Optional[LatentCache]  # the VAE latents on disk (None: encode each batch)
+    keys: Optional[dict[int, str]]  # sample index -> its latent-cache key
+    accelerator: object
+    timer: PhaseTimer
+    student: nn.Module  # as accelerate prepared it (DDP-wrapped on many processes)
+    raw: Student  # the same module, unwrapped
+    optimizer: torch.optim.Optimizer
+    base_lrs: list[float]  # each parameter group's learning rate before the schedule
+    trainable: dict[str, nn.Parameter]
+    ema: Optional[EMA]
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from: Optional[dict] = None) -> int:
-    """The run; `started_from` ({'preset', 'config_file'}) is recorded in the exported file."""
+    """The image stage: setup, resume, the loop, export. `started_from` ({'preset', 'config_file'}) is recorded in the
+    exported file. Returns 0, or 3 when debug.stop_after_step ended the run as a preemption would."""
+    run = setup_image_stage(cfg, rank, world, local_rank)
+    progress = restore_checkpoint(run.resume_from, run.trainable, run.ema, run.optimizer, run.device, run.is_main,
+                                  cfg.max_steps)
+    meter = RunLog(run.out_dir, run.is_main, cfg.max_steps, progress.step, desc="train")
+    finished = image_loop(run, progress, meter)
+    if finished:
+        finish_image_stage(run, progress, meter, started_from)
+    end_run(rank, world, run.accelerator.wait_for_everyone, run.accelerator.end_training)  # torchrun aborts at exit without it
+    return 0 if finished else 3
+
+
+def setup_image_stage(cfg: TrainConfig, rank: int, world: int, local_rank: int) -> ImageRun:
+    """Models, data and caches (each process its share, before any multi-process communication), then the
+    accelerator, the trained module and its optimizer."""
     # 1. Models, and whether they fit together: before any data work or training.
     device, weight_dtype, out_dir, resume_from, base, llm, adapter = setup_run(cfg, rank, local_rank)
     template = getattr(adapter.config, "template", None)  # a published adapter has its own text side instead
@@ -436,7 +494,6 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision if device.type == "cuda" else "no",
                               cpu=device.type == "cpu", kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=False)])
-    is_main = accelerator.is_main_process
     accelerator.wait_for_everyone()
     keys = None
     if cache is not None:  # every entry is on disk now; encode locally whatever another node's disk holds
@@ -448,6 +505,7 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
     if llm_states is not None:  # as above: compute locally whatever another node's disk holds
         llm_states.fill(captions, cfg.batch_size)
 
+    # 4. The trained module (adapter, UNet LoRA, learned loss weighting) and its optimizer.
     timer = PhaseTimer(device, cfg.time_phases)
     student = Student(adapter, base, llm, loss_fn, cfg, timer, template, llm_states)
     groups = [{"params": list(adapter.parameters()), "lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay, "name": "adapter"}]
@@ -456,112 +514,94 @@ def train(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_from
     if loss_fn.learned is not None:
         groups.append({"params": list(loss_fn.learned.parameters()), "lr": cfg.optim.learned_weighting_lr,
                        "weight_decay": 0.0, "name": "learned_weighting"})
-    base_lrs = [g["lr"] for g in groups]
     optimizer = torch.optim.AdamW(groups, betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
     student, optimizer = accelerator.prepare(student, optimizer)
     raw = accelerator.unwrap_model(student)
     trainable = {n: p for n, p in raw.named_parameters() if p.requires_grad}
     ema = EMA(raw.adapter, cfg.ema_decay) if cfg.ema_decay > 0 else None
+    return ImageRun(cfg, device, out_dir, resume_from, base, llm, dataset, cache, keys, accelerator, timer,
+                    student, raw, optimizer, [g["lr"] for g in groups], trainable, ema)
 
-    # 4. Resume.
-    step, epoch, position, nonfinite = restore_checkpoint(resume_from, trainable, ema, optimizer, device, is_main,
-                                                          cfg.max_steps)
-    total = cfg.max_steps
 
-    writer = None
-    if is_main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(out_dir / "logs"))
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=total, initial=step, disable=not is_main, desc="train", dynamic_ncols=True)
-    batches = epoch_batches(dataset.bucket_of, cfg.batch_size, cfg.seed, epoch, accelerator.process_index, accelerator.num_processes)
-    step_times: list[float] = []  # wall seconds per step
-    step_cpu_times: list[float] = []  # CPU seconds of this process per step (robust to other load on a shared CPU)
-    run_start = time.perf_counter()
-
-    # 5. The loop.
-    while step < total:
-        t_step, cpu_step = time.perf_counter(), time.process_time()
+def image_loop(run: ImageRun, progress: Progress, meter: RunLog) -> bool:
+    """Train from `progress` up to max_steps, checkpointing on the way; False when debug.stop_after_step ended the
+    run early (checkpoint written, as if the job were preempted)."""
+    cfg, timer, raw, total = run.cfg, run.timer, run.raw, run.cfg.max_steps
+    process, processes = run.accelerator.process_index, run.accelerator.num_processes
+    order = BatchOrder(run.dataset.bucket_of, cfg.batch_size, cfg.seed, progress.epoch, process, processes)
+    meter.start_clock()
+    while progress.step < total:
+        step, started = progress.step, (time.perf_counter(), time.process_time())
         with timer("data"):
-            if position >= len(batches):
-                epoch, position = epoch + 1, 0
-                batches = epoch_batches(dataset.bucket_of, cfg.batch_size, cfg.seed, epoch, accelerator.process_index,
-                                        accelerator.num_processes)
-            latents, sizes, captions, names = load_batch(dataset, batches[position], keys, cache, base, device)
-            position += 1
-            gen = step_generator(cfg.seed, step, accelerator.process_index)
+            latents, sizes, captions, names = load_batch(run.dataset, order.next(progress), run.keys, run.cache, run.base,
+                                                         run.device)
+            gen = step_generator(cfg.seed, step, process)
             torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))  # adapter dropout, if any
-            noise = torch.randn(latents.shape, generator=gen).to(device)
-            timesteps = torch.randint(0, loss_fn.data_weights.numel(), (latents.shape[0],), generator=gen).to(device)
+            noise = torch.randn(latents.shape, generator=gen).to(run.device)
+            timesteps = torch.randint(0, raw.loss_fn.data_weights.numel(), (latents.shape[0],), generator=gen).to(run.device)
             drop = (torch.rand(latents.shape[0], generator=gen) < cfg.data.caption_dropout).tolist()
             prompts = ["" if d else c for d, c in zip(drop, captions)]  # "" = the template's empty-prompt conditioning
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+        for group, base_lr in zip(run.optimizer.param_groups, run.base_lrs):
             group["lr"] = base_lr * lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule)
 
-        loss, logs = student(latents, noise, timesteps, prompts, sizes, step, total, step in cfg.debug.inject_nan_at_step)
+        with nan_in_adapter_output(raw.adapter, step in cfg.debug.inject_nan_at_step):
+            loss, logs = run.student(latents, noise, timesteps, prompts, sizes, step, total)
         with timer("student"):
-            accelerator.backward(loss)
+            run.accelerator.backward(loss)
         with timer("optimizer"):
-            finite, grad_norm, losses = optimizer_step(accelerator, loss, trainable, optimizer, ema, raw.adapter, step,
-                                                       cfg.optim.grad_clip)
+            finite, grad_norm, losses = optimizer_step(run.accelerator, loss, run.trainable, run.optimizer, run.ema,
+                                                       raw.adapter, step, cfg.optim.grad_clip)
         if not finite:
-            nonfinite += 1
+            progress.nonfinite += 1
             per_sample = raw.loss_fn.last_per_sample
             bad = [n for n, v in zip(names, per_sample.tolist()) if not math.isfinite(v)] if per_sample is not None else []
             log.warning("step %d: non-finite loss/gradient, step skipped (%d of at most %d); samples with a non-finite "
-                        "loss on rank %d: %s", step, nonfinite, cfg.max_nonfinite_steps, accelerator.process_index,
+                        "loss on rank %d: %s", step, progress.nonfinite, cfg.max_nonfinite_steps, process,
                         bad or "none here (another rank's batch)")
-            if nonfinite > cfg.max_nonfinite_steps:
+            if progress.nonfinite > cfg.max_nonfinite_steps:
                 raise TrainingStopped(
-                    f"stopping at step {step}: {nonfinite} steps had a non-finite loss or gradient (limit "
+                    f"stopping at step {step}: {progress.nonfinite} steps had a non-finite loss or gradient (limit "
                     f"max_nonfinite_steps={cfg.max_nonfinite_steps}). Lower optim.lr, prefer bf16 over fp16, or "
                     "check the samples named in the warnings above.")
-        step += 1
-        step_times.append(time.perf_counter() - t_step)
-        step_cpu_times.append(time.process_time() - cpu_step)
+        progress.step = step = step + 1
 
-        mean_loss = float(losses.mean())  # averaged over processes
-        if is_main:
-            bar.set_postfix(loss=f"{mean_loss:.4f}", it_s=f"{1 / max(step_times[-1], 1e-9):.2f}")
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total:
-                for key, value in logs.items():
-                    writer.add_scalar(key, value, step)
-                writer.add_scalar("loss/mean_over_ranks", mean_loss, step)
-                writer.add_scalar("grad_norm", float(grad_norm), step)
-                writer.add_scalar("it_per_s", 1 / max(step_times[-1], 1e-9), step)
-                writer.add_scalar("lr", optimizer.param_groups[0]["lr"], step)
-                if getattr(raw.adapter, "layer_logits", None) is not None:
-                    weights = torch.softmax(raw.adapter.layer_logits.detach().float(), 0)
-                    writer.add_scalar("adapter/layer_weight_max", float(weights.max()), step)
-        if is_main and cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0:
-            run_validation(cfg, base, raw.adapter, llm, dataset, device, writer, step)
+        if meter.step_done(step, started, losses, grad_norm, run.optimizer.param_groups[0]["lr"], logs, cfg.log_every):
+            meter.write(step, {"it_per_s": 1 / max(meter.step_times[-1], 1e-9), **layer_weight_scalars(raw.adapter)})
+        if run.is_main and cfg.validation.prompts and cfg.validation.every and step % cfg.validation.every == 0:
+            run_validation(cfg, run.base, raw.adapter, run.llm, run.dataset, run.device, meter.writer, step)
         if step % cfg.checkpoint_every == 0 or step == total or step == cfg.debug.stop_after_step:
-            save_checkpoint(accelerator, is_main, cfg, out_dir, step, epoch, position, nonfinite, trainable, ema, optimizer,
+            save_checkpoint(run.accelerator, run.is_main, cfg, run.out_dir, progress, run.trainable, run.ema, run.optimizer,
                             raw.adapter)
         if step == cfg.debug.stop_after_step:
             log.warning("debug.stop_after_step=%d reached: exiting as if preempted", step)
-            bar.close()
-            end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)
-            return 3
-    bar.close()
-    if not step_times and is_main:
-        print(f"{resume_from} is already at max_steps={total}: nothing to train, exporting", flush=True)
+            meter.bar.close()
+            return False
+    meter.bar.close()
+    return True
 
-    # 6. Export exactly the file the nodes load, plus the timing summary.
-    accelerator.wait_for_everyone()
-    if is_main:
-        if cfg.validation.prompts and not (cfg.validation.every and step % cfg.validation.every == 0):
-            run_validation(cfg, base, raw.adapter, llm, dataset, device, writer, step)  # the final images
-        export(cfg, raw, ema, base, dataset, step, out_dir, started_from)
-        write_timings(timer, step_times, step_cpu_times, time.perf_counter() - run_start, out_dir)
-        writer.close()
-        if dataset.skipped:
-            print(f"skipped {len(dataset.skipped)} sample(s): " + "; ".join(dataset.skipped[:20]), flush=True)
-    end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)  # torchrun aborts at exit without it
-    return 0
+
+def finish_image_stage(run: ImageRun, progress: Progress, meter: RunLog, started_from: Optional[dict]) -> None:
+    """After the last step: the final validation images, then exactly the file the nodes load, plus the timing summary."""
+    cfg = run.cfg
+    if not meter.step_times and run.is_main:
+        print(f"{run.resume_from} is already at max_steps={cfg.max_steps}: nothing to train, exporting", flush=True)
+    run.accelerator.wait_for_everyone()
+    if run.is_main:
+        if cfg.validation.prompts and not (cfg.validation.every and progress.step % cfg.validation.every == 0):
+            run_validation(cfg, run.base, run.raw.adapter, run.llm, run.dataset, run.device, meter.writer,
+                           progress.step)  # the final images
+        export(cfg, run.raw, run.ema, run.base, run.dataset, progress.step, run.out_dir, started_from)
+        write_timings(run.timer, meter, run.out_dir)
+        meter.writer.close()
+        if run.dataset.skipped:
+            print(f"skipped {len(run.dataset.skipped)} sample(s): " + "; ".join(run.dataset.skipped[:20]), flush=True)
+
+
+def layer_weight_scalars(adapter: nn.Module) -> dict[str, float]:
+    """The largest of the adapter's layer-fusion weights (a collapse onto one LLM layer shows here), when it fuses."""
+    if getattr(adapter, "layer_logits", None) is None:
+        return {}
+    return {"adapter/layer_weight_max": float(torch.softmax(adapter.layer_logits.detach().float(), 0).max())}
 
 
 def optimizer_step(accelerator, loss, trainable: dict, optimizer, ema: Optional[EMA], adapter: nn.Module, step: int,
@@ -580,23 +620,25 @@ def optimizer_step(accelerator, loss, trainable: dict, optimizer, ema: Optional[
     return finite, grad_norm, losses
 
 
-def save_checkpoint(accelerator, is_main: bool, cfg: TrainConfig, out_dir: Path, step: int, epoch: int, position: int,
-                    nonfinite: int, trainable: dict, ema: Optional[EMA], optimizer, adapter: nn.Module) -> None:
+def save_checkpoint(accelerator, is_main: bool, cfg: TrainConfig, out_dir: Path, progress: Progress, trainable: dict,
+                    ema: Optional[EMA], optimizer, adapter: nn.Module) -> None:
     """The counterpart of restore_checkpoint, written by the main process between two barriers (a collective)."""
     accelerator.wait_for_everyone()
     if is_main:
-        state = {"step": step, "data_epoch": epoch, "data_position": position, "nonfinite_steps": nonfinite,
-                 "config": cfg.to_dict(), "adapter_config": adapter_config_dict(adapter.config)}
-        ckpt.save(out_dir, step, trainable, ema.shadow if ema else None, optimizer.state_dict(), state, cfg.checkpoints_keep)
+        state = {"step": progress.step, "data_epoch": progress.epoch, "data_position": progress.position,
+                 "nonfinite_steps": progress.nonfinite, "config": cfg.to_dict(),
+                 "adapter_config": adapter_config_dict(adapter.config)}
+        ckpt.save(out_dir, progress.step, trainable, ema.shadow if ema else None, optimizer.state_dict(), state,
+                  cfg.checkpoints_keep)
     accelerator.wait_for_everyone()
 
 
 def restore_checkpoint(resume_from: Optional[Path], trainable: dict, ema: Optional[EMA], optimizer, device, is_main: bool,
-                       max_steps: int) -> tuple[int, int, int, int]:
-    """Load a checkpoint into the trainable weights, EMA and optimizer; returns (step, data epoch, data position,
-    non-finite steps so far), all zero when there is nothing to resume."""
+                       max_steps: int) -> Progress:
+    """Load a checkpoint into the trainable weights, EMA and optimizer; returns where it stood (a fresh Progress when
+    there is nothing to resume)."""
     if resume_from is None:
-        return 0, 0, 0, 0
+        return Progress()
     saved = ckpt.load(resume_from)
     if set(saved["trainable"]) != set(trainable):
         raise ckpt.CheckpointError(
@@ -612,7 +654,7 @@ def restore_checkpoint(resume_from: Optional[Path], trainable: dict, ema: Option
     state = saved["state"]
     if is_main:
         print(f"resuming from {resume_from} at step {state['step']} of {max_steps}", flush=True)
-    return state["step"], state["data_epoch"], state["data_position"], state["nonfinite_steps"]
+    return Progress(state["step"], state["data_epoch"], state["data_position"], state["nonfinite_steps"])
 
 
 def adapter_config_dict(config) -> dict:
@@ -644,8 +686,8 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
     import copy
 
     adapter = copy.deepcopy(raw.adapter).eval()
-    if ema is not None:
-        ema.copy_to(adapter)
+    weights, kind = ckpt.adapter_weights(dict(raw.named_parameters()), ema.shadow if ema is not None else None)
+    adapter.load_state_dict(weights, strict=True)
     lora_file = ""
     if cfg.lora.enabled:
         lora_file = "unet_lora.safetensors"
@@ -661,7 +703,7 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
         "base_model": base.name,
         "base_family": base.family,
         "prediction_type": base.prediction_type,
-        "weights": "ema" if ema is not None else "raw",
+        "weights": kind,
         "ema_decay": cfg.ema_decay,
         "unet_lora": lora_file,
         "init_adapter": Path(cfg.model.init_adapter).name if cfg.model.init_adapter else "",
@@ -674,12 +716,13 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
     else:
         config = dataclasses.replace(adapter.config, training=training)
         path = save_adapter(out_dir / "adapter.safetensors", adapter, config)
-    print(f"adapter written: {path} ({'EMA' if ema is not None else 'raw'} weights, {step} steps)"
+    print(f"adapter written: {path} ({'EMA' if kind == 'ema' else 'raw'} weights, {step} steps)"
           + (f"; UNet LoRA for ComfyUI's LoraLoader: {out_dir / lora_file}" if lora_file else ""), flush=True)
 
 
-def write_timings(timer: PhaseTimer, step_times: list[float], step_cpu_times: list[float], wall: float, out_dir: Path) -> None:
+def write_timings(timer: PhaseTimer, meter: RunLog, out_dir: Path) -> None:
     """Print the per-phase summary and keep it as JSON (bench/trainer_overhead.py reads it)."""
+    step_times, step_cpu_times, wall = meter.step_times, meter.step_cpu_times, time.perf_counter() - meter.start
     steps = len(step_times)
     phases = dict(timer.totals)
     import resource

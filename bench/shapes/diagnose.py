@@ -36,9 +36,7 @@ def load_any_adapter(path: Path, llm):
     Anything else, or an adapter made for another LLM, exits with the reason."""
     from adapter import check_llm_matches, load_adapter
     from adapter.errors import AdapterError
-    from training.checkpoint import CheckpointError
-
-    from .pipeline import load_checkpoint_adapter
+    from training.checkpoint import CheckpointError, load_checkpoint_adapter
 
     if path.is_dir() and (path / "adapter.safetensors").is_file():
         path = path / "adapter.safetensors"

@@ -65,7 +65,7 @@ def recovered_gain(adapter_loss: float, teacher_loss: float, empty_loss: float) 
 
 def adapter_conditioning(adapter, llm) -> Conditioning:
     """An adapter over the tiny LM, through the trainer's own code path (timestep-aware adapters follow t)."""
-    from training.train import adapter_context_at
+    from training.conditioning import adapter_context_at
 
     def conditioning(prompts: list[str]):
         return adapter_context_at(adapter.eval(), llm, prompts)

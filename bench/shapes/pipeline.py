@@ -1,9 +1,8 @@
-"""The shapes benchmark's moving parts between assets and numbers: the training images, an adapter trained
-with the trainer's real command line, and the adapters a run left behind (final file and checkpoints).
+"""The shapes benchmark's moving parts between assets and numbers: the training images and an adapter trained
+with the trainer's real command line (a checkpoint's adapter is training.checkpoint.load_checkpoint_adapter).
 
     data = ensure_train_data(cache / "train-8000")
     run = train_adapter(assets, data, out / "dynamic-kl-s0", preset="dynamic-kl", seed=0)
-    adapter = load_checkpoint_adapter(run / "checkpoints" / "step-00000100")   # its EMA weights
 
 The trainer runs as a subprocess (`python -m training.train --preset <arm> --config bench/shapes/adapter.toml
 ...`), exactly as a user runs it: nothing here re-implements its loop.
@@ -22,7 +21,7 @@ from devkit.processes import spawn
 
 from .assets import BASE_FOLDER, LM_FOLDER
 
-__all__ = ["SHAPES_CONFIG", "ensure_captions", "ensure_train_data", "load_checkpoint_adapter", "train_adapter", "train_command"]
+__all__ = ["SHAPES_CONFIG", "ensure_captions", "ensure_train_data", "train_adapter", "train_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,18 +98,3 @@ def train_adapter(assets: Path, data: Path, out: str | Path, preset: str, seed: 
         tail = (out / "train.log").read_text(encoding="utf-8").splitlines()[-30:]
         raise RuntimeError(f"the trainer failed (exit {code}) for {out}:\n" + "\n".join(tail))
     return out
-
-
-def load_checkpoint_adapter(checkpoint: str | Path):
-    """The adapter of a training checkpoint, with its EMA weights when it has them (what export() writes)."""
-    import torch
-
-    from adapter import AdapterConfig, LLMDiffAdapter
-    from training import checkpoint as ckpt
-
-    saved = ckpt.load(Path(checkpoint))
-    adapter = LLMDiffAdapter(AdapterConfig.from_dict(saved["state"]["adapter_config"]))
-    weights = saved["ema"] if saved["ema"] is not None else {
-        k.removeprefix("adapter."): v for k, v in saved["trainable"].items() if k.startswith("adapter.")}
-    adapter.load_state_dict(weights, strict=True)
-    return adapter.to(torch.float32).eval()

@@ -84,8 +84,9 @@ class Study:
                              quiet=True)
 
     def conditioning(self, arm: str, seed: int, step: int):
+        from training.checkpoint import load_checkpoint_adapter
+
         from .evaluate import adapter_conditioning, empty_conditioning, teacher_conditioning
-        from .pipeline import load_checkpoint_adapter
 
         if arm == "teacher":
             return teacher_conditioning(self.base)

@@ -2,7 +2,7 @@
 
 The shapes benchmark compares an adapter with the teacher through two routes: the teacher's contexts go
 straight into the sampler (`evaluate.teacher_conditioning`), an adapter's through the trainer's own code
-(`evaluate.adapter_conditioning` -> `training.train.adapter_context_at`: the LLM, the template, the adapter's
+(`evaluate.adapter_conditioning` -> `training.conditioning.adapter_context_at`: the LLM, the template, the adapter's
 forward, its empty-prompt negative). If that route differed in anything but the context (noise, guidance,
 negative, batching), every adapter-minus-teacher figure and the recovered gain R would carry the difference.
 `TeacherReplay` is a module with the adapter's interface that answers each prompt's LLM states with the

@@ -10,7 +10,7 @@ import torch
 from adapter import encode_prompts, load_adapter, load_llm
 from devkit.tiny_models import make_tiny_llm
 from devkit.train_runs import run_train, tiny_dataset, train_command
-from training.train import adapter_context
+from training.conditioning import adapter_context
 
 from devkit.comfy_pack import node_classes
 from support.node_models import comfy_models  # noqa: F401  (fixture)

@@ -19,7 +19,7 @@ from devkit.foreign_files import write_random_ella, write_random_rouwei
 from devkit.tiny_encoders import make_tiny_t5
 from devkit.tiny_models import make_tiny_llm
 from devkit.train_runs import run_train, tiny_dataset, train_command
-from training.train import adapter_context, encode_for
+from training.conditioning import adapter_context, encode_for
 from support.node_models import comfy_models  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow

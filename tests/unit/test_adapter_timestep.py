@@ -216,7 +216,7 @@ def test_student_conditions_the_adapter_on_each_samples_training_timestep(monkey
     adapter's output at each sample's own training timestep (not the fallback, not another sample's)."""
     from types import SimpleNamespace
 
-    from training import train
+    from training import conditioning, train
     from training.config import TrainConfig
 
     adapter = trained_like(make_adapter(True))
@@ -231,14 +231,14 @@ def test_student_conditions_the_adapter_on_each_samples_training_timestep(monkey
                            predict_eps=predict_eps)
     loss_fn = type("Loss", (), {"needs_teacher": lambda self, step, total: False,
                                 "__call__": lambda self, noise, eps, teacher, t, step, total: (eps.mean(), {})})()
-    monkeypatch.setattr(train, "encode_prompts",
+    monkeypatch.setattr(conditioning, "encode_prompts",
                         lambda llm, template, prompts: SimpleNamespace(hidden_states=states, attention_mask=mask))
     student = train.Student(adapter, base, None, loss_fn, TrainConfig(), train.PhaseTimer(torch.device("cpu"), False),
                             adapter.config.template)
     timesteps = torch.tensor([15, 420, 987])
     latents = torch.zeros(3, 4, 2, 2)
     with torch.no_grad():
-        student(latents, latents, timesteps, ["a", "b", "c"], None, 0, 10, False)
+        student(latents, latents, timesteps, ["a", "b", "c"], None, 0, 10)
         expected = adapter(states, mask, timesteps).context
         at_fallback = adapter(states, mask).context
     assert torch.equal(seen["context"], expected)

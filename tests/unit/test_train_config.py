@@ -1,11 +1,12 @@
 """The trainer's config layering: defaults < --preset < --config < named flags < --set (docs/design.md section 8)."""
+import json
+
 import pytest
 
 from training.config import (
     DEFAULT_PRESET,
     TrainConfig,
     TrainConfigError,
-    config_from_dict,
     list_presets,
     load_toml,
     preset_path,
@@ -101,6 +102,18 @@ def test_bad_toml_and_missing_file_are_named(tmp_path):
         resolve_config(["--config", write(tmp_path, "[data]\nresolutoin = 3\n")])
 
 
-def test_round_trip_through_the_stored_dict():
+def test_the_stored_config_given_back_as_set_flags_is_the_same_config():
+    """The resolved config the trainer prints and stores in every checkpoint names every key; each key with its
+    stored value (as JSON, which --set reads as TOML) rebuilds that config through the command line."""
     cfg, _ = resolve_config(["--preset", "hard-gate", "--set", "lora.enabled=true", "--max-steps", "11"])
-    assert config_from_dict(cfg.to_dict()) == cfg
+
+    def leaves(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from leaves(value, f"{prefix}{key}.")
+            else:
+                yield f"{prefix}{key}", value
+
+    argv = [arg for key, value in leaves(cfg.to_dict()) for arg in ("--set", f"{key}={json.dumps(value)}")]
+    rebuilt, _ = resolve_config(argv)
+    assert rebuilt == cfg and rebuilt != TrainConfig()

@@ -92,3 +92,29 @@ def test_checkpoint_roundtrip_rotation_and_incomplete_ignored(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(ckpt.checkpoints_dir(tmp_path) / "step-00000009"), tmp_path)
     assert ckpt.resolve_resume("latest", tmp_path / "nothing") is None
+
+
+def test_a_checkpoints_adapter_has_the_weights_export_would_write(tmp_path):
+    """One rule for export() and load_checkpoint_adapter(): the EMA weights when the run keeps an EMA, else the
+    trained adapter's own (the `adapter.` entries of the trained weights, never the LoRA or loss-weighting ones)."""
+    from support.adapters import make_adapter
+
+    adapter = make_adapter(False)
+    raw = {f"adapter.{n}": p.detach().clone() for n, p in adapter.named_parameters()}
+    trainable = {**raw, "loss_fn.learned.weight": torch.ones(2)}
+    ema = {n: p.detach() + 1 for n, p in adapter.named_parameters()}
+    state = {"step": 5, "adapter_config": adapter.config.to_dict()}
+    no_optimizer = {"state": {}, "param_groups": []}
+    ckpt.save(tmp_path / "with-ema", 5, trainable, ema, no_optimizer, state, keep=1)
+    ckpt.save(tmp_path / "no-ema", 5, trainable, None, no_optimizer, state, keep=1)
+
+    with_ema = ckpt.load_checkpoint_adapter(ckpt.latest(tmp_path / "with-ema"))
+    without = ckpt.load_checkpoint_adapter(ckpt.latest(tmp_path / "no-ema"))
+    assert not with_ema.training and next(with_ema.parameters()).dtype == torch.float32
+    for name, p in with_ema.named_parameters():
+        assert torch.equal(p, ema[name]), name
+    for name, p in without.named_parameters():
+        assert torch.equal(p, raw[f"adapter.{name}"]), name
+    assert ckpt.adapter_weights(trainable, ema)[1] == "ema"
+    weights, kind = ckpt.adapter_weights(trainable, None)
+    assert kind == "raw" and set(weights) == set(ema)

@@ -189,3 +189,22 @@ def test_help_describes_presets_config_keys_and_ends_with_examples():
     assert "(model.base_model)" in text and "--set model.base_model=" in text  # the key names are explained
     tail = text.rstrip().splitlines()[-6:]
     assert any("python -m training.train" in line for line in tail) and any("torchrun" in line for line in tail), tail
+
+
+def test_the_nan_debug_hook_poisons_the_first_samples_context_and_only_while_active():
+    """debug.inject_nan_at_step acts from outside the model: a forward hook on the adapter, gone after the step."""
+    from support.adapters import HIDDEN, LAYERS, make_adapter
+    from training.debug import nan_in_adapter_output
+
+    adapter = make_adapter(False)
+    states = torch.randn(2, LAYERS + 1, 5, HIDDEN, generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 5, dtype=torch.long)
+    with torch.no_grad():
+        clean = adapter(states, mask).context
+        with nan_in_adapter_output(adapter, True):
+            poisoned = adapter(states, mask).context
+        with nan_in_adapter_output(adapter, False):
+            inactive = adapter(states, mask).context
+        after = adapter(states, mask).context
+    assert torch.isnan(poisoned[0]).all() and torch.equal(poisoned[1], clean[1])
+    assert torch.equal(inactive, clean) and torch.equal(after, clean)
