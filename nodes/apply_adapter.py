@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from .types import AdapterType
+from .io_types import AdapterType
 
 log = logging.getLogger(__name__)
 

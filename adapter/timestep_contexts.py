@@ -2,7 +2,7 @@
 
 LLMDiffTextEncode runs the LLM and `LLMDiffAdapter.encode_states` once per prompt and keeps the
 result in the conditioning entry (`StepStates`); at every UNet call the ComfyUI wrapper
-(nodes/step_wrapper.py) asks `StepContexts` for each entry's context at that call's timestep. This
+(nodes/timestep_aware/wrapper.py) asks `StepContexts` for each entry's context at that call's timestep. This
 module is the pure part of that, so it can be tested against a reference without ComfyUI:
 
 - `state_length` / `fit_length`: every entry of one adapter is padded to one fixed token length
@@ -156,8 +156,15 @@ class StepContexts:
         """
         steps = list(dict.fromkeys(timesteps))
         rows = [self._rows[(id(entry), t)] for t in (steps if len(steps) == 1 else timesteps)]
-        tokens = torch.cat(rows).to(device=original.device, dtype=original.dtype) * entry.strength
-        tail = original[:, entry.num_tokens:]
-        if tail.shape[1] == 0:
-            return tokens
-        return torch.cat([tokens, tail.expand(tokens.shape[0], -1, -1)], dim=1)
+        tokens = torch.cat(rows).to(device=original.device, dtype=original.dtype)
+        return conditioning_context(tokens, entry.strength, original[:, entry.num_tokens:])
+
+
+def conditioning_context(adapter_tokens: torch.Tensor, strength: float, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """The conditioning tensor's layout: the adapter's tokens [B, N, C] times llm_strength, then `tail` (CLIP's tokens
+    in concat mode, a Concat node's; [1, M, C], repeated per row) after them. The text encode node writes it once,
+    the per-step wrapper again at every model call, so both must build it here."""
+    tokens = adapter_tokens * strength
+    if tail is None or tail.shape[1] == 0:
+        return tokens
+    return torch.cat([tokens, tail.expand(tokens.shape[0], -1, -1)], dim=1)
