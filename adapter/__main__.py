@@ -99,16 +99,11 @@ def folder_tokenizer(folder: Path):
 
 
 def llm_info_from_folder(folder: Path):
-    """LLMInfo from config.json and the tokenizer alone: creating an adapter needs no LLM weights.
-
-    Mirrors what adapter.llm.load_llm reports for the same folder (architecture, model type, text
-    hidden size, block count, tokenizer fingerprint), without loading the model.
-    """
+    """LLMInfo from config.json and the tokenizer alone (adapter.llm.llm_info): creating an adapter needs no LLM weights."""
     from transformers import AutoConfig, AutoTokenizer
 
-    from .config import LLMInfo
     from .errors import LLMLoadError
-    from .fingerprint import tokenizer_fingerprint
+    from .llm import llm_info
 
     if not (folder / "config.json").is_file():
         raise LLMLoadError(f"{folder} is not a Hugging Face-format LLM folder (no config.json)")
@@ -117,15 +112,7 @@ def llm_info_from_folder(folder: Path):
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (ValueError, KeyError, OSError) as err:
         raise LLMLoadError(f"cannot read the LLM config or tokenizer in {folder}: {err}".replace("\n", " ")) from None
-    text = config.get_text_config()  # the decoder's config, also for multimodal checkpoints
-    if config.architectures:
-        architecture = config.architectures[0]
-    else:  # the class AutoModel would build, which is what load_llm reports then
-        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
-        architecture = MODEL_MAPPING_NAMES.get(config.model_type, config.model_type)
-    return LLMInfo(architecture=architecture, model_type=config.model_type, hidden_size=int(text.hidden_size),
-                   num_layers=int(text.num_hidden_layers), tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-                   name=folder.name)
+    return llm_info(config, tokenizer, folder.name)
 
 
 def cmd_init(args) -> int:

@@ -35,7 +35,7 @@ from .fingerprint import tokenizer_fingerprint
 from .quantization import bitsandbytes_config
 from .template import PromptInfo, tokenize_prompts
 
-__all__ = ["DecoderParts", "EncodedPrompts", "LoadedLLM", "encode_prompts", "find_decoder_parts", "load_llm", "run_llm"]
+__all__ = ["DecoderParts", "EncodedPrompts", "LoadedLLM", "encode_prompts", "find_decoder_parts", "llm_info", "load_llm", "run_llm"]
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,6 @@ def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remot
     except (ValueError, KeyError, OSError) as err:
         raise LLMLoadError(f"cannot read {path / 'config.json'}: {err}. An unknown model_type needs a newer "
                            "transformers (or trust_remote_code for custom code)") from None
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if getattr(config, "is_encoder_decoder", False):
         from .foreign.text import ENCODER_MODEL_TYPES, load_text_encoder
 
@@ -283,12 +282,20 @@ def load_llm(path, dtype: torch.dtype = torch.float32, device="cpu", trust_remot
         tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     except Exception as err:
         raise LLMLoadError(f"cannot load the tokenizer in {path}: {err}; copy the tokenizer files again") from err
-    info = LLMInfo(
-        architecture=(config.architectures or [built_class])[0],
-        model_type=config.model_type,
-        hidden_size=int(text_config.hidden_size),
-        num_layers=len(parts.layers),
-        tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
-        name=path.name,
-    )
+    info = llm_info(config, tokenizer, path.name, built_class=built_class, num_layers=len(parts.layers))
     return LoadedLLM(model=model, tokenizer=tokenizer, info=info, device=device, dtype=dtype)
+
+
+def llm_info(config, tokenizer, name: str, *, built_class: str | None = None, num_layers: int | None = None) -> LLMInfo:
+    """What an adapter records about its LLM, from the folder's config and tokenizer: load_llm passes the class
+    transformers built and the blocks it found; `python -m adapter init` reads no weights and passes neither
+    (then the class AutoModel would build, and the config's block count)."""
+    architecture = (config.architectures or [built_class])[0]
+    if architecture is None:
+        from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+        architecture = MODEL_MAPPING_NAMES.get(config.model_type, config.model_type)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config  # the decoder's, also multimodal
+    return LLMInfo(architecture=architecture, model_type=config.model_type, hidden_size=int(text.hidden_size),
+                   num_layers=int(text.num_hidden_layers if num_layers is None else num_layers),
+                   tokenizer_fingerprint=tokenizer_fingerprint(tokenizer), name=name)

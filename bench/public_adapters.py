@@ -2,7 +2,7 @@
 
 1. ELLA's per-step cost against an SD1.5 UNet call at 512 x 512 (a 64 x 64 latent), batch 2 (CFG's
    positive and negative): at every UNet call LLMDiffApplyAdapter's wrapper runs ELLA's whole
-   resampler for both entries (adapter/step_context.py's StepContexts with the ELLA module; the T5
+   resampler for both entries (adapter/timestep_contexts.py's StepContexts with the ELLA module; the T5
    states are projected once per prompt). Full-size, randomly initialised ELLA-SD1.5-TSC (768 wide,
    64 latents, 6 blocks, T5-XL's 2048-wide input, 128 T5 tokens) and SD1.5 UNet (diffusers'
    UNet2DConditionModel, 860M parameters, ELLA's 64 context tokens). FLOPs are counted with
@@ -42,7 +42,7 @@ def ella_rows(threads: int, warmup: int, repeats: int) -> list[str]:
     import torch
 
     from adapter.foreign import EllaAdapter, EllaConfig
-    from adapter.step_context import StepStates
+    from adapter.timestep_contexts import StepStates
     from bench.adapter_overhead import median_ms_pair
     from bench.timestep_overhead import build_unet, count_flops, wrapper_step
 

@@ -16,7 +16,7 @@ Rows: `decode` at 77 and 256 prompt tokens (the refined tokens the resampler rea
 ArchConfig.timestep_blocks (the last resampler block modulated) and with every block modulated, and
 for reference the whole adapter forward (what a wrapper without the encode/decode split would pay).
 The `wrapper path` rows are what LLMDiffApplyAdapter's wrapper adds to every UNet call under CFG:
-adapter/step_context.py's StepContexts for two conditioning entries as LLMDiffTextEncode stores them
+adapter/timestep_contexts.py's StepContexts for two conditioning entries as LLMDiffTextEncode stores them
 (a positive of that many prompt tokens and the empty-prompt negative, both padded to the fixed length
 of the default template: 16 template tokens of Qwen2.5's chat template + the 256-token budget), i.e.
 trimming, batching, the one decode, the cache and assembling both contexts on the conditioning device;
@@ -38,7 +38,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adapter.config import TARGETS, AdapterConfig, ArchConfig, LLMInfo
 from adapter.model import LLMDiffAdapter
-from adapter.step_context import StepContexts, StepStates, state_length
+from adapter.timestep_contexts import StepContexts, StepStates, state_length
 from bench.adapter_overhead import QWEN25_05B, median_ms_pair
 
 BATCH, LATENT, CONTEXT_TOKENS = 2, 32, 77
@@ -49,7 +49,7 @@ TEMPLATE_TOKENS = 16  # Qwen2.5's chat template around an empty prompt (the nega
 
 
 def step_entry(adapter: LLMDiffAdapter, states: torch.Tensor, mask: torch.Tensor) -> StepStates:
-    """One conditioning entry as LLMDiffTextEncode stores it for the wrapper (nodes/step_states.py)."""
+    """One conditioning entry as LLMDiffTextEncode stores it for the wrapper (nodes/timestep_aware/model_cond.py)."""
     encoded = adapter.encode_states(states, mask)
     context = adapter.decode(encoded, mask).context.cpu()  # the conditioning lives on the intermediate device
     length = state_length(TEMPLATE_TOKENS, adapter.config.template.max_tokens)

@@ -5,7 +5,7 @@ import logging
 
 from comfy_api.latest import io
 
-from .types import AdapterType
+from .io_types import AdapterType
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ class LLMDiffApplyAdapter(io.ComfyNode):
     @classmethod
     def execute(cls, model, adapter) -> io.NodeOutput:
         from ..adapter import check_context_dim
-        from .step_wrapper import context_width, patch_model
+        from .timestep_aware.wrapper import context_width, patch_model
 
         # Before any sampling: an adapter for another model family fails here, naming both widths.
         check_context_dim(adapter.config, context_width(model), None, "the MODEL connected to Apply LLM Diff Adapter")

@@ -16,7 +16,15 @@ from typing import Optional
 
 import torch
 
+from ..adapter.timestep_contexts import conditioning_context
+
 SDXL_SIZE_FIELDS = ("width", "height", "crop_w", "crop_h", "target_width", "target_height")
+
+
+def check_concat_has_clip(concat_clip: bool, clip) -> None:
+    """clip_mode 'concat' needs a CLIP: checked before the LLM runs and again where the tokens are joined."""
+    if concat_clip and clip is None:
+        raise ValueError("clip_mode is 'concat' but no CLIP is connected: connect the checkpoint's CLIP or set clip_mode to 'none'.")
 
 
 def build_conditioning(
@@ -34,11 +42,8 @@ def build_conditioning(
 ) -> list:
     """One conditioning entry on `device` in fp32. `sdxl_size` is given only for SDXL targets."""
     as_out = lambda t: t.to(device=device, dtype=torch.float32)  # noqa: E731
-    tokens = as_out(context) * llm_strength
-    if concat_clip:
-        if clip_context is None:
-            raise ValueError("clip_mode is 'concat' but no CLIP is connected: connect one or set clip_mode to 'none'.")
-        tokens = torch.cat([tokens, as_out(clip_context) * clip_strength], dim=1)
+    check_concat_has_clip(concat_clip, clip_context)
+    tokens = conditioning_context(as_out(context), llm_strength, as_out(clip_context) * clip_strength if concat_clip else None)
 
     extras: dict = {}
     if pooled is not None and clip_pooled is not None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .types import LLMType, advanced
+from .io_types import LLMType, advanced
 
 MAX_NEW_TOKENS = 2048
 # The node's default request (kept here, not in adapter/, so building the schema imports nothing heavy).
@@ -50,12 +50,7 @@ class LLMDiffEnhancePrompt(io.ComfyNode):
     @classmethod
     def execute(cls, llm, text: str, instruction: str, seed: int, max_new_tokens: int, temperature: float = 0.7,
                 top_p: float = 0.9) -> io.NodeOutput:
-        import comfy.model_management as mm
-        import comfy.utils
-
-        from ..adapter.generate import GenerationSettings, build_generation_prompt, enhance_prompt, generation_head
-        from .memory import generate_working_memory, llm_on_device, llm_shape
-
+        from .generate import generate_text
         from .input_checks import check_finite, sanitize_text
 
         check_finite("Enhance prompt with LLM", temperature=temperature, top_p=top_p)
@@ -63,20 +58,5 @@ class LLMDiffEnhancePrompt(io.ComfyNode):
         instruction, _ = sanitize_text(instruction, "the instruction")
         if not text.strip():
             raise ValueError("Enhance prompt with LLM: the text is empty; write a short prompt for the LLM to expand.")
-        settings = GenerationSettings(max_new_tokens=max_new_tokens, seed=seed, temperature=temperature, top_p=top_p)
-        head = generation_head(llm.loaded)  # before loading anything: an LLM without one fails at once
-        prompt_tokens = len(build_generation_prompt(llm.loaded.tokenizer, instruction, text))
-        # An untied head is brought to the device for the call; a tied one is the embedding, already there
-        # unless ComfyUI loaded the model partially (then a copy, at most in fp32, is made).
-        head_bytes = head.weight.numel() * 4 if llm.partial_load else 0 if head.tied else head.nbytes
-        memory = generate_working_memory(llm_shape(llm), prompt_tokens + max_new_tokens, head_bytes)
-        progress = comfy.utils.ProgressBar(max_new_tokens)
-
-        def on_token(step: int) -> None:
-            progress.update_absolute(step + 1)
-            mm.throw_exception_if_processing_interrupted()
-
-        with llm_on_device(llm, memory_required=memory):
-            result = enhance_prompt(llm.loaded, text, instruction, settings, head=head, on_token=on_token)
-        progress.update_absolute(max_new_tokens)
-        return io.NodeOutput(result)
+        return io.NodeOutput(generate_text(llm, text, instruction, max_new_tokens=max_new_tokens, seed=seed,
+                                           temperature=temperature, top_p=top_p))

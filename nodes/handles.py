@@ -69,6 +69,33 @@ def choose_llm_dtype(choice: str, device: torch.device) -> torch.dtype:
     return dtype
 
 
+def load_llm_folder(path: str, name: str, dtype: str, memory_mode: str = "auto", quantization: str = "none") -> "LLMHandle":
+    """An LLMDIFF_LLM handle for a Hugging Face folder (transformers), on the offload device until an encode needs it;
+    8/4-bit weights are quantised onto the GPU while loading and never moved."""
+    import comfy.utils
+
+    from ..adapter import load_llm
+
+    device = mm.text_encoder_device()
+    if quantization != "none" and not mm.is_device_cuda(device):
+        device = mm.get_torch_device()  # ComfyUI may keep text encoders on the CPU (--lowvram); bitsandbytes needs the GPU
+    torch_dtype = choose_llm_dtype(dtype, device)
+    progress = comfy.utils.ProgressBar(2)
+    log.info("Loading LLM %s from %s (%s, quantization %s)", name, path, torch_dtype, quantization)
+    if quantization == "none":  # on the offload device; the encode node asks ComfyUI to move it when it runs
+        loaded = load_llm(path, dtype=torch_dtype, device=mm.text_encoder_offload_device())
+        patcher = make_patcher(loaded.model)
+    else:  # bitsandbytes quantises while loading onto the GPU; we never move those weights (load = offload device)
+        loaded = load_llm(path, dtype=torch_dtype, device=device, quantization=quantization)
+        patcher = make_patcher(loaded.model, load_device=device, offload_device=device)
+    progress.update(1)
+    mm.throw_exception_if_processing_interrupted()
+    handle = LLMHandle(loaded=loaded, patcher=patcher, name=name, identity=f"{folder_identity(path)}|{torch_dtype}|{quantization}",
+                       memory_mode=memory_mode)
+    progress.update(1)
+    return handle
+
+
 def file_identity(path: str) -> str:
     """Path + size + modification time: changes whenever the file is replaced, cheap to compute."""
     stat = os.stat(path)

@@ -99,13 +99,19 @@ def resolve_llm_file(llm_name: str) -> str | None:
     return path
 
 
-def load_llm_file(path: str, llm_name: str, memory_mode: str = "auto"):
-    """An LLMDIFF_LLM handle for a single file, loaded by ComfyUI as CLIPLoader would load it."""
+def load_llm_file(path: str, llm_name: str, memory_mode: str = "auto", dtype: str = "auto", quantization: str = "none"):
+    """An LLMDIFF_LLM handle for a single file, loaded by ComfyUI as CLIPLoader would load it (in the file's own
+    precision: Load LLM's `dtype` is ignored, its `quantization` refused)."""
     import comfy.sd
 
     from .comfy_llm import handle_from_clip
     from .handles import file_identity
 
+    if quantization != "none":
+        raise ValueError("8/4-bit loading is for Hugging Face folders; single files use ComfyUI's own formats "
+                         "(fp8 files load as they are). Set quantization to none.")
+    if dtype != "auto":
+        log.info("dtype %s ignored for %s: ComfyUI keeps a single file's own precision", dtype, llm_name)
     log.info("Loading %s with ComfyUI's own text-encoder implementation", path)
     clip = comfy.sd.load_clip(ckpt_paths=[path], embedding_directory=folder_paths.get_folder_paths("embeddings"))
     return handle_from_clip(clip, llm_name, identity=file_identity(path), memory_mode=memory_mode)

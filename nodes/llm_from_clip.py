@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .memory import MEMORY_MODE_TOOLTIP, MEMORY_MODES
-from .types import LLMType, advanced
+from .io_types import LLMType, advanced
 
 
 class LLMDiffLLMFromCLIP(io.ComfyNode):

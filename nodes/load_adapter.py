@@ -6,7 +6,7 @@ import logging
 from comfy_api.latest import io
 
 from .paths import ADAPTER_FOLDER, list_adapters, resolve_in_folder
-from .types import AdapterType
+from .io_types import AdapterType
 
 log = logging.getLogger(__name__)
 

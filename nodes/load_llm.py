@@ -1,18 +1,16 @@
 """LLMDiffLoadLLM: a decoder-only LLM from models/LLM/<name>/, held by ComfyUI's model management."""
 from __future__ import annotations
 
-import logging
-
 from comfy_api.latest import io
 
 from .memory import MEMORY_MODE_TOOLTIP, MEMORY_MODES
 from .llm_files import list_llm_files
 from .paths import LLM_FOLDER, list_llms, resolve_in_folder
-from .types import LLMType, advanced
+from .io_types import LLMType, advanced
 
-QUANTIZATIONS = ["none", "8bit", "4bit"]  # adapter.quantization.QUANTIZATIONS (not imported: the schema stays light)
-
-log = logging.getLogger(__name__)
+# The values adapter.quantization.QUANTIZATIONS accepts. Written out, not imported: loading the pack may import
+# nothing outside nodes/ (adapter/ pulls in transformers); test_nodes_schema.py checks the two agree.
+QUANTIZATIONS = ["none", "8bit", "4bit"]
 
 
 class LLMDiffLoadLLM(io.ComfyNode):
@@ -85,39 +83,13 @@ class LLMDiffLoadLLM(io.ComfyNode):
 
     @classmethod
     def execute(cls, llm_name: str, dtype: str, memory_mode: str = "auto", quantization: str = "none") -> io.NodeOutput:
-        import comfy.model_management as mm
-        import comfy.utils
-
-        from ..adapter import load_llm
-        from .handles import LLMHandle, choose_llm_dtype, folder_identity, make_patcher
+        from .handles import load_llm_folder
         from .llm_files import load_llm_file, resolve_llm_file
         from .memory import check_memory_mode
 
         check_memory_mode(memory_mode)
         file_path = resolve_llm_file(llm_name)
         if file_path is not None:  # a single file: ComfyUI's own implementation, precision and memory handling
-            if quantization != "none":
-                raise ValueError("8/4-bit loading is for Hugging Face folders; single files use ComfyUI's own formats "
-                                 "(fp8 files load as they are). Set quantization to none.")
-            if dtype != "auto":
-                log.info("dtype %s ignored for %s: ComfyUI keeps a single file's own precision", dtype, llm_name)
-            return io.NodeOutput(load_llm_file(file_path, llm_name, memory_mode))
+            return io.NodeOutput(load_llm_file(file_path, llm_name, memory_mode, dtype=dtype, quantization=quantization))
         path = resolve_in_folder(LLM_FOLDER, llm_name, want_dir=True)
-        device = mm.text_encoder_device()
-        if quantization != "none" and not mm.is_device_cuda(device):
-            device = mm.get_torch_device()  # ComfyUI may keep text encoders on the CPU (--lowvram); bitsandbytes needs the GPU
-        torch_dtype = choose_llm_dtype(dtype, device)
-        progress = comfy.utils.ProgressBar(2)
-        log.info("Loading LLM %s from %s (%s, quantization %s)", llm_name, path, torch_dtype, quantization)
-        if quantization == "none":  # on the offload device; the encode node asks ComfyUI to move it when it runs
-            loaded = load_llm(path, dtype=torch_dtype, device=mm.text_encoder_offload_device())
-            patcher = make_patcher(loaded.model)
-        else:  # bitsandbytes quantises while loading onto the GPU; we never move those weights (load = offload device)
-            loaded = load_llm(path, dtype=torch_dtype, device=device, quantization=quantization)
-            patcher = make_patcher(loaded.model, load_device=device, offload_device=device)
-        progress.update(1)
-        mm.throw_exception_if_processing_interrupted()
-        handle = LLMHandle(loaded=loaded, patcher=patcher, name=llm_name, identity=f"{folder_identity(path)}|{torch_dtype}|{quantization}",
-                           memory_mode=memory_mode)
-        progress.update(1)
-        return io.NodeOutput(handle)
+        return io.NodeOutput(load_llm_folder(path, llm_name, dtype, memory_mode, quantization))

@@ -161,7 +161,3 @@ def unload_models(patchers: Sequence) -> int:
         mm.soft_empty_cache()
     return unloaded
 
-
-def is_loaded(patcher) -> bool:
-    """Whether ComfyUI currently holds this model as loaded (what the tests and `info` report)."""
-    return any(loaded.model is patcher for loaded in mm.current_loaded_models)

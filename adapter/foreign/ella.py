@@ -19,7 +19,7 @@ them to keys and values, so nothing after `proj_in` can be computed without t: `
 keeps the projected states, and `decode` (run at every UNet call by the ComfyUI wrapper) runs the
 whole resampler. The per-prompt states ride in `EncodedStates.cross_kv` as a one-head
 [B, T, 1, 768] entry (the same tensor as key and value slot), so the shared per-step machinery
-(adapter/step_context.py) pads, batches and trims them like our own adapter's.
+(adapter/timestep_contexts.py) pads, batches and trims them like our own adapter's.
 """
 from __future__ import annotations
 
@@ -147,7 +147,7 @@ class EllaAdapter(nn.Module):
             raise ValueError(f"ELLA expects T5 encoder states [batch, tokens, {self.ella.input_dim}], "
                              f"got {tuple(hidden_states.shape)}")
         x = self.connector.proj_in(hidden_states.to(self.connector.latents.dtype))
-        x = x.unsqueeze(2)  # [B, T, 1, width]: the token axis where step_context pads and trims
+        x = x.unsqueeze(2)  # [B, T, 1, width]: the token axis where adapter/timestep_contexts.py pads and trims
         return EncodedStates(x.new_zeros(x.shape[0], 0, self.ella.width), ((x, x),), None)
 
     def decode(self, encoded: EncodedStates, attention_mask: Optional[torch.Tensor] = None,

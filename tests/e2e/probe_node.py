@@ -21,7 +21,7 @@ import folder_paths
 import comfy.patcher_extension
 from safetensors.torch import save_file
 
-RECORD_KEY = "llmdiff_step"  # nodes/step_wrapper.py RECORD_KEY (the pack is not importable by name here)
+RECORD_KEY = "llmdiff_step"  # nodes/timestep_aware/wrapper.py RECORD_KEY (the pack is not importable by name here)
 
 
 class LLMDiffProbe:

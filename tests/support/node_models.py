@@ -5,7 +5,8 @@ Two sets, each registered as the fixture `env`; a test file imports the one it n
                        SDXL, other-LLM and timestep-aware adapters, a truncated file, a renamed pickle); env = (pack, nodes)
     qwen_sd15_models   models/LLM with the tiny Qwen2 and one SD1.5 adapter for it; env = nodes
 and what is built on them: `qwen` (node_models' Qwen2 through Load LLM), `llm` (qwen_sd15_models' Qwen2),
-`comfy_clip` (the same weights in ComfyUI's own implementation), `load_calls` (a spy on ComfyUI's loads).
+`comfy_clip` (the same weights in ComfyUI's own implementation), `load_calls` (a spy on ComfyUI's loads),
+and `is_loaded(patcher)` (whether ComfyUI holds a model as loaded).
 """
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from devkit.comfy_pack import load_pack, node_classes, pack_module
 from devkit.tiny_models import make_tiny_llm
 
 SMALL_ARCH = dict(width=64, heads=4, refiner_layers=1, resampler_layers=1)
+
+
+def is_loaded(patcher) -> bool:
+    """Whether ComfyUI's model management currently holds this model as loaded (in `current_loaded_models`)."""
+    import comfy.model_management as mm
+
+    return any(loaded.model is patcher for loaded in mm.current_loaded_models)
 
 
 @pytest.fixture(scope="module", name="env")

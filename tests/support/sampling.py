@@ -61,7 +61,7 @@ def unet(comfy):
 
 def recording(comfy, model):
     """A clone of `model` whose every UNet call is recorded (context, timesteps, our wrapper's record, kwargs)."""
-    record_key = pack_module("nodes.step_wrapper").RECORD_KEY
+    record_key = pack_module("nodes.timestep_aware.wrapper").RECORD_KEY
     calls = []
 
     def record(executor, x, t, c_concat, c_crossattn, control, transformer_options, **kwargs):

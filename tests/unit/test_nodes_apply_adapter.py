@@ -49,7 +49,7 @@ def static(nodes):
 def encode(nodes, qwen):  # noqa: F811
     """text -> CONDITIONING from LLMDiffTextEncode; remembers which prompt made which states (for `reference`)."""
     pack_module("nodes.encode").ENCODE_CACHE.clear()
-    key = pack_module("nodes.step_states").STATES_KEY
+    key = pack_module("nodes.timestep_aware.model_cond").STATES_KEY
     texts = {}
 
     def run(adapter, text, **kwargs):
@@ -74,7 +74,7 @@ def reference(qwen, adapter, text, t, strength=1.0):  # noqa: F811
 def at_timesteps(conditioning, encode, qwen, timesteps):  # noqa: F811
     """`conditioning` with each of our entries' adapter tokens recomputed on its own at `timesteps` (one per
     sample) and the states key removed: what the wrapper must be equivalent to."""
-    key = pack_module("nodes.step_states").STATES_KEY
+    key = pack_module("nodes.timestep_aware.model_cond").STATES_KEY
     out = []
     for context, extras in conditioning:
         holder = extras.get("model_conds", {}).get(key)
@@ -185,7 +185,7 @@ def test_static_adapter_through_the_node_is_bit_identical_and_the_wrapper_ran(co
 # --- without the node: the extra model cond is harmless -------------------------------------------------
 
 def test_without_the_node_the_states_reach_the_unet_and_change_nothing(comfy, unet, aware, encode):
-    key = pack_module("nodes.step_states").STATES_KEY
+    key = pack_module("nodes.timestep_aware.model_cond").STATES_KEY
     positive, negative = encode(aware, "a red cube"), encode(aware, "")
     stripped = lambda cond: [[c, {k: v for k, v in e.items() if k != "model_conds"}] for c, e in cond]  # noqa: E731
     with_states, calls = recording(comfy, unet)
@@ -230,7 +230,7 @@ def test_the_input_model_is_not_changed_and_the_adapter_loads_with_the_unet(comf
     patched = apply(nodes, unet, aware)
     twice = apply(nodes, patched, nodes["LLMDiffLoadAdapter"].execute("qwen-sd15-timestep.safetensors").args[0])
     assert patched is not unet and unet.wrappers == wrappers_before and not unet.additional_models
-    wrapper_key = pack_module("nodes.step_wrapper").WRAPPER_KEY
+    wrapper_key = pack_module("nodes.timestep_aware.wrapper").WRAPPER_KEY
     [wrapper] = twice.get_wrappers(comfy.ext.WrappersMP.CALC_COND_BATCH, wrapper_key)  # one wrapper, both adapters
     assert len(wrapper.adapters) == 2 and len(patched.get_wrappers(comfy.ext.WrappersMP.CALC_COND_BATCH, wrapper_key)[0].adapters) == 1
     [adapter_patcher] = patched.get_additional_models()

@@ -10,7 +10,7 @@ import pytest
 
 from devkit.tiny_models import make_tiny_llm
 from devkit.comfy_pack import load_pack, pack_module
-from support.node_models import comfy_clip, llm, load_calls, qwen_sd15_models  # noqa: F401  (fixtures; env = qwen_sd15_models)
+from support.node_models import comfy_clip, is_loaded, llm, load_calls, qwen_sd15_models  # noqa: F401  (fixtures; env = qwen_sd15_models)
 
 RANDOM = dict(temperature=1.0, top_p=1.0)  # a random LLM's distribution is nearly flat: seeds must matter
 
@@ -59,7 +59,6 @@ def test_cancel_stops_between_tokens_and_unload_after_still_unloads(llm, enhance
     import comfy.model_management as mm
     import comfy.utils
 
-    memory = pack_module("nodes.memory")
     drop = dataclasses.replace(llm, memory_mode="unload_after")
 
     def cancel_at_two(value, total, preview, node_id=None):
@@ -71,14 +70,13 @@ def test_cancel_stops_between_tokens_and_unload_after_still_unloads(llm, enhance
     with pytest.raises(mm.InterruptProcessingException):
         enhance(drop, "a cat", max_new_tokens=50)
     assert progress == [(1, 50), (2, 50)]
-    assert not memory.is_loaded(llm.patcher)
+    assert not is_loaded(llm.patcher)
 
 
 @pytest.mark.parametrize("mode, stays", [("auto", True), ("keep_loaded", True), ("unload_after", False)])
 def test_the_llm_is_where_its_memory_mode_says_after_generating(llm, enhance, mode, stays):  # noqa: F811
-    memory = pack_module("nodes.memory")
     enhance(dataclasses.replace(llm, memory_mode=mode), "a dog", max_new_tokens=2)
-    assert memory.is_loaded(llm.patcher) == stays
+    assert is_loaded(llm.patcher) == stays
     assert llm.patcher.loaded_size() == (llm.patcher.model_size() if stays else 0)
 
 
@@ -93,7 +91,7 @@ def test_an_llm_without_a_generation_head_fails_before_loading(env, enhance):  #
     untied = env["LLMDiffLoadLLM"].execute("untied-qwen2", "auto").args[0]
     with pytest.raises(pack_module("adapter").LLMLoadError, match="cannot generate text: its output layer is not tied"):
         enhance(untied, "a cube")
-    assert not pack_module("nodes.memory").is_loaded(untied.patcher)
+    assert not is_loaded(untied.patcher)
 
 
 def test_empty_text_is_refused(llm, enhance):  # noqa: F811
@@ -117,4 +115,4 @@ def test_a_comfyui_implemented_llm_generates_from_its_tied_embedding(env, enhanc
     assert first and enhance(llm, "a red cube", seed=3, max_new_tokens=5) == first
     assert progress[-1] == (5, 5)
     assert [(models, full) for models, _, full in load_calls] == [([comfy_clip.patcher], False)] * 2  # partial allowed
-    assert not pack_module("nodes.memory").is_loaded(comfy_clip.patcher)
+    assert not is_loaded(comfy_clip.patcher)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from devkit.comfy_pack import load_pack, pack_module
-from support.node_models import comfy_clip, llm, load_calls, qwen_sd15_models  # noqa: F401  (fixtures; env = qwen_sd15_models)
+from support.node_models import comfy_clip, is_loaded, llm, load_calls, qwen_sd15_models  # noqa: F401  (fixtures; env = qwen_sd15_models)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def fresh_state():
 
 def where(patcher) -> tuple[bool, int, str]:
     """(held as loaded by ComfyUI, bytes it counts on the load device, the device it last put the model on)."""
-    return pack_module("nodes.memory").is_loaded(patcher), patcher.loaded_size(), str(patcher.model.device)
+    return is_loaded(patcher), patcher.loaded_size(), str(patcher.model.device)
 
 
 def encode(env, llm, adapter, text):
@@ -118,9 +118,9 @@ def test_partial_loading_only_where_comfyui_casts_the_weights(load_calls, partia
     patcher = comfy.model_patcher.ModelPatcher(module, torch.device("cpu"), torch.device("cpu"))
     handle = types.SimpleNamespace(patcher=patcher, memory_mode=mode, partial_load=partial_load, loaded=types.SimpleNamespace())
     with memory.llm_on_device(handle, memory_required=123):
-        assert memory.is_loaded(patcher)
+        assert is_loaded(patcher)
     assert load_calls == [([patcher], 123, full)]
-    assert memory.is_loaded(patcher) == (mode != "unload_after")
+    assert is_loaded(patcher) == (mode != "unload_after")
 
 
 def test_unload_after_also_unloads_when_the_run_fails(llm):
@@ -128,9 +128,9 @@ def test_unload_after_also_unloads_when_the_run_fails(llm):
     drop = dataclasses.replace(llm, memory_mode="unload_after")
     with pytest.raises(RuntimeError, match="stop"):
         with memory.llm_on_device(drop):
-            assert memory.is_loaded(llm.patcher)
+            assert is_loaded(llm.patcher)
             raise RuntimeError("stop")
-    assert not memory.is_loaded(llm.patcher)
+    assert not is_loaded(llm.patcher)
 
 
 def test_working_memory_covers_the_states_the_run_really_makes(env, llm, adapter):

@@ -1,7 +1,7 @@
 """The node schemas are the public contract of every saved workflow: ids, input names and order."""
 import pytest
 
-from devkit.comfy_pack import node_classes
+from devkit.comfy_pack import node_classes, pack_module
 
 # ComfyUI stores widget values by position: this order may only ever grow at the end.
 CONTRACT = {
@@ -58,6 +58,8 @@ def test_rare_knobs_are_advanced_and_options_fixed(infos):
     assert {name for name, (_t, opts) in load_llm.items() if opts.get("advanced")} == {"memory_mode", "quantization"}
     assert load_llm["memory_mode"][1]["options"] == ["auto", "keep_loaded", "unload_after"]
     assert load_llm["quantization"][1]["options"] == ["none", "8bit", "4bit"]
+    # the node's copy (the schema may not import adapter/) of the values the loader accepts
+    assert tuple(load_llm["quantization"][1]["options"]) == pack_module("adapter.quantization").QUANTIZATIONS
     enhance = infos["LLMDiffEnhancePrompt"].input
     assert {name for name, (_t, opts) in enhance["optional"].items() if opts.get("advanced")} == {"temperature", "top_p"}
     assert enhance["required"]["seed"][1]["control_after_generate"] is True

@@ -1,10 +1,10 @@
-"""adapter/step_context.py: per-step contexts of many conditioning entries, batched into one decode and
+"""adapter/timestep_contexts.py: per-step contexts of many conditioning entries, batched into one decode and
 cached per (timestep, entry), checked against a reference that runs the whole adapter on each entry alone."""
 import pytest
 import torch
 
 from adapter.model import FALLBACK_TIMESTEP
-from adapter.step_context import LENGTH_MULTIPLE, StepContexts, StepStates, fit_length, state_length
+from adapter.timestep_contexts import LENGTH_MULTIPLE, StepContexts, StepStates, fit_length, state_length
 from support.adapters import HIDDEN, LAYERS, make_adapter, trained_like
 
 ATOL = 1e-5  # batched vs alone: the same math, summed in another order

@@ -2,12 +2,12 @@
 
 LLMDiffTextEncode with a timestep-aware adapter adds one key to the conditioning entry's extras:
 
-    [[context, {..., "model_conds": {STATES_KEY: StepStatesCond(adapter.step_context.StepStates)}}]]
+    [[context, {..., "model_conds": {STATES_KEY: StepStatesCond(adapter.timestep_contexts.StepStates)}}]]
 
 `context` stays what it always was (the adapter at the fallback timestep, times llm_strength, plus
 CLIP's tokens in concat mode), so every core node and a sampler without LLMDiffApplyAdapter work as
 before. ComfyUI copies `model_conds` from the extras into every sampling entry
-(comfy.sampler_helpers.convert_cond), where the Apply node's wrapper (step_wrapper.py) reads it.
+(comfy.sampler_helpers.convert_cond), where the Apply node's wrapper (wrapper.py) reads it.
 
 Without the wrapper the key travels to the UNet like any model cond: `get_area_and_mult` calls
 `process_cond`, batching asks `can_concat`, `cond_cat` calls `concat`, and the result reaches
@@ -25,7 +25,7 @@ import logging
 
 import comfy.conds
 
-from ..adapter.step_context import StepStates, state_length
+from ...adapter.timestep_contexts import StepStates, state_length
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +61,9 @@ class StepStatesCond(comfy.conds.CONDRegular):
 
 def attach_step_states(conditioning: list, encoding, adapter, llm, llm_strength: float) -> list:
     """Add the entry's StepStates to `conditioning` (one entry, as build_conditioning made it)."""
-    from ..adapter import tokenize_prompts
+    from ...adapter import tokenize_prompts
 
-    from ..adapter.foreign import is_foreign
+    from ...adapter.foreign import is_foreign
 
     if is_foreign(adapter.config):  # ELLA: T5 states, no template around them; the budget is the text side's length
         length = adapter.config.text.max_length

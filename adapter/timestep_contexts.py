@@ -2,8 +2,9 @@
 
 LLMDiffTextEncode runs the LLM and `LLMDiffAdapter.encode_states` once per prompt and keeps the
 result in the conditioning entry (`StepStates`); at every UNet call the ComfyUI wrapper
-(nodes/step_wrapper.py) asks `StepContexts` for each entry's context at that call's timestep. This
-module is the pure part of that, so it can be tested against a reference without ComfyUI:
+(nodes/timestep_aware/wrapper.py) asks `StepContexts` for each entry's context at that call's timestep.
+This module is the pure part of that, free of ComfyUI so that it is tested against a reference and
+benchmarked without it (the ComfyUI half is nodes/timestep_aware/):
 
 - `state_length` / `fit_length`: every entry of one adapter is padded to one fixed token length
   (the template's own tokens plus the prompt budget), so entries have equal shapes and ComfyUI
@@ -13,6 +14,8 @@ module is the pure part of that, so it can be tested against a reference without
 - `StepContexts`: all (entry, timestep) pairs of one model call go through ONE `decode` call,
   trimmed to the longest real prompt among them; each pair is computed once per call however many
   conditioning entries share it (SetArea, SetTimestepRange and ControlNet copies share one entry).
+- `conditioning_context`: the conditioning tensor's layout (adapter tokens x llm_strength, then CLIP's),
+  shared by the text encode node (nodes/conditioning.py) and StepContexts.
 
 Why the entry carries EncodedStates rather than the LLM's states: the LLM's states of every layer
 are layers x tokens x hidden floats (25 x 300 x 896 x 4 bytes = 27 MB for Qwen2.5-0.5B, several
@@ -156,8 +159,15 @@ class StepContexts:
         """
         steps = list(dict.fromkeys(timesteps))
         rows = [self._rows[(id(entry), t)] for t in (steps if len(steps) == 1 else timesteps)]
-        tokens = torch.cat(rows).to(device=original.device, dtype=original.dtype) * entry.strength
-        tail = original[:, entry.num_tokens:]
-        if tail.shape[1] == 0:
-            return tokens
-        return torch.cat([tokens, tail.expand(tokens.shape[0], -1, -1)], dim=1)
+        tokens = torch.cat(rows).to(device=original.device, dtype=original.dtype)
+        return conditioning_context(tokens, entry.strength, original[:, entry.num_tokens:])
+
+
+def conditioning_context(adapter_tokens: torch.Tensor, strength: float, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """The conditioning tensor's layout: the adapter's tokens [B, N, C] times llm_strength, then `tail` (CLIP's tokens
+    in concat mode, a Concat node's; [1, M, C], repeated per row) after them. The text encode node writes it once,
+    the per-step wrapper again at every model call, so both must build it here."""
+    tokens = adapter_tokens * strength
+    if tail is None or tail.shape[1] == 0:
+        return tokens
+    return torch.cat([tokens, tail.expand(tokens.shape[0], -1, -1)], dim=1)

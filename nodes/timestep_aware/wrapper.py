@@ -5,7 +5,7 @@ calls: per entry it reads `model_conds` (get_area_and_mult), batches compatible 
 ControlNet from the batched `c_crossattn` (control.get_control) and only then calls the model, so a
 `model_function_wrapper` or an APPLY_MODEL wrapper would change the context after ControlNet has
 seen the old one. This wrapper sits one level up, on WrappersMP.CALC_COND_BATCH: before any of that
-runs it gives every entry that carries our StepStates (step_states.py) a new `c_crossattn`, the
+runs it gives every entry that carries our StepStates (model_cond.py) a new `c_crossattn`, the
 adapter's tokens decoded at this call's timestep, so the UNet and every ControlNet see one and the
 same context. It never mutates the sampler's entries (it passes shallow copies on) and removes the
 states key from the copies, so our entries batch with entries that lack it (a CLIP negative).
@@ -13,7 +13,7 @@ states key from the copies, so our entries batch with entries that lack it (a CL
 The timestep is the model's own: `model.model_sampling.timestep(sigma)`, the 0..999 DDPM index the
 UNet itself is called with, for any sampler, scheduler, denoise and start/end step. The LLM never
 runs here: the per-prompt part was computed by LLMDiffTextEncode; per call there is one `decode` of
-all (entry, timestep) pairs (adapter/step_context.py), cached per (timestep, entry) for the call.
+all (entry, timestep) pairs (adapter/timestep_contexts.py), cached per (timestep, entry) for the call.
 
 What the wrapper did is put into the call's transformer_options under RECORD_KEY (timesteps, entries
 seen, entries recomputed, pairs decoded), where patches and tests can read it.
@@ -28,10 +28,10 @@ import comfy.model_management as mm
 import comfy.model_patcher
 import comfy.patcher_extension
 
-from ..adapter.errors import AdapterMismatchError
-from ..adapter.model import NUM_TRAIN_TIMESTEPS
-from ..adapter.step_context import StepContexts
-from .step_states import STATES_KEY
+from ...adapter.errors import AdapterMismatchError
+from ...adapter.model import NUM_TRAIN_TIMESTEPS
+from ...adapter.timestep_contexts import StepContexts
+from .model_cond import STATES_KEY
 
 log = logging.getLogger(__name__)
 
