@@ -2,6 +2,7 @@
 
     python -m bench.shapes.study [--out outputs/shapes-study] [--seeds 0 1 2] [--steps 400] [--every 100]
                                  [--align-every 200] [--prompts 200] [--jobs 2] [--arms dynamic-kl last-layer ...]
+                                 [--start-from scratch|distill] [--distill-steps N]
 
 Arms (each a trainer preset; the shapes sizes come from bench/shapes/adapter.toml):
     teacher          the base model's own bag-of-words text encoder (no training)
@@ -9,6 +10,12 @@ Arms (each a trainer preset; the shapes sizes come from bench/shapes/adapter.tom
     last-layer       dynamic-kl with last-layer fusion (the ablation of fusing every block)
     uniform, min-snr, kl   plain timestep weightings without the teacher
     timestep-aware   dynamic-kl with the timestep-aware resampler, sampled with guidance
+    constant, gated  the teacher term at a constant lambda, on every sample / only on the samples where the
+                     teacher's error is lower than the student's (hard gate); ARM_RECIPES: a preset plus --set
+With --start-from distill every arm fine-tunes the demo's distilled adapter of its seed (bench.demo.distill: the
+demo's recipe and cache, so a run the demo made is reused; its fine-tune lr) into runs/<arm>-from-distill-s<seed>;
+the arms default to min-snr, dynamic-kl (the teacher annealed), gated and constant, the distilled start is
+evaluated as step 0 (for alignment too), and every arm is compared with min-snr.
 For every seed s an arm is trained with --seed s and evaluated at each of its checkpoints (every `--every`
 steps): validation epsilon-MSE on fixed val triplets (every checkpoint) and the alignment of held-out prompts
 (the final checkpoint of every arm, and every checkpoint of the weighting arms), sampled from noise seed s.
@@ -21,7 +28,9 @@ Reported (results.md, results.json):
 (b) for uniform, min-snr, kl and dynamic-kl: the steps and the CPU time (steps x that arm's measured
     per-step CPU time, teacher included while it runs, from the trainer's timings.json) to first reach the
     min-snr arm's final validation epsilon-MSE and its final alignment, from the seed-mean curves;
-(c) timestep-aware minus static (dynamic-kl), alignment and epsilon-MSE, paired CIs.
+(c) timestep-aware minus static (dynamic-kl), alignment and epsilon-MSE, paired CIs;
+(d) from the distilled start: R at step 0 and at every checkpoint, every arm minus min-snr (paired CIs), and
+    (b) for every teacher arm, with min-snr's final R as the target (its epsilon-MSE: R falls as it rises).
 """
 from __future__ import annotations
 
