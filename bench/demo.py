@@ -58,6 +58,20 @@ def run_key(assets: Path, steps: int, distill_steps: int = 0) -> str:
     return digest.hexdigest()[:12]
 
 
+def distill(assets: Path, seed: int = 0, steps: int = DISTILL_STEPS, quick: bool = False, quiet: bool = False) -> Path:
+    """The demo's caption-only distillation run for `seed` in <cache>: trained once, then found by its key (the
+    study starts its arms from the same run, so both measure the same start)."""
+    from bench.shapes.pipeline import ensure_captions, train_adapter
+
+    cache = cache_dir()
+    n_train = 64 if quick else 8000
+    captions = ensure_captions(cache / f"train-{n_train}-captions.txt", n=n_train)  # the training scenes' captions
+    seeded = f"-s{seed}" if seed else ""  # seed 0 keeps the cache folder it always had
+    run = cache / f"demo-distill-{run_key(assets, 0, steps)}{seeded}{'-quick' if quick else ''}"
+    flags = ("--batch-size", "4", "--set", "optim.lr=2e-3") if quick else DISTILL_FLAGS
+    return train_adapter(assets, captions, run, preset="distill", seed=seed, max_steps=steps, extra=flags, quiet=quiet)
+
+
 def recipe(distill_steps: int, steps: int) -> str:
     """The training recipe in words, for the report."""
     parts = ([f"{distill_steps} steps of caption-only distillation onto the teacher's contexts (`--preset distill`)"]
@@ -92,7 +106,7 @@ def main(argv: list[str] | None = None) -> Path:
 
     from bench.shapes import evaluate as ev
     from bench.shapes.assets import ensure_assets
-    from bench.shapes.pipeline import ensure_captions, ensure_train_data, train_adapter
+    from bench.shapes.pipeline import ensure_train_data, train_adapter
     from bench.shapes.report import comparison_grid, markdown_table
     from bench.shapes.scenes import heldout_prompts
     from bench.shapes.stats import mean_ci, paired_ci
@@ -108,7 +122,6 @@ def main(argv: list[str] | None = None) -> Path:
     cache = cache_dir()
     n_train = 64 if args.quick else 8000
     quick = "-quick" if args.quick else ""
-    captions = ensure_captions(cache / f"train-{n_train}-captions.txt", n=n_train)  # the same scenes' captions
     data = ensure_train_data(cache / f"train-{n_train}", n=n_train) if args.steps else None
     stages.update(1)
 
@@ -116,9 +129,7 @@ def main(argv: list[str] | None = None) -> Path:
     seeded = f"-s{args.seed}" if args.seed else ""  # seed 0 keeps the cache folders it always had
     if args.distill_steps:
         stages.set_postfix_str("distilling the teacher's contexts (captions only)")
-        run = cache / f"demo-distill-{run_key(assets, 0, args.distill_steps)}{seeded}{quick}"
-        flags = ("--batch-size", "4", "--set", "optim.lr=2e-3") if args.quick else DISTILL_FLAGS
-        train_adapter(assets, captions, run, preset="distill", seed=args.seed, max_steps=args.distill_steps, extra=flags)
+        run = distill(assets, args.seed, args.distill_steps, quick=args.quick)
     if args.steps:
         stages.set_postfix_str("training the adapter (dynamic-kl)")
         init = ("--init-adapter", str(run / "adapter.safetensors"), *FINE_TUNE_FLAGS) if run is not None else ()

@@ -2,6 +2,7 @@
 
     python -m bench.shapes.study [--out outputs/shapes-study] [--seeds 0 1 2] [--steps 400] [--every 100]
                                  [--align-every 200] [--prompts 200] [--jobs 2] [--arms dynamic-kl last-layer ...]
+                                 [--start-from scratch|distill] [--distill-steps N]
 
 Arms (each a trainer preset; the shapes sizes come from bench/shapes/adapter.toml):
     teacher          the base model's own bag-of-words text encoder (no training)
@@ -9,6 +10,12 @@ Arms (each a trainer preset; the shapes sizes come from bench/shapes/adapter.tom
     last-layer       dynamic-kl with last-layer fusion (the ablation of fusing every block)
     uniform, min-snr, kl   plain timestep weightings without the teacher
     timestep-aware   dynamic-kl with the timestep-aware resampler, sampled with guidance
+    constant, gated  the teacher term at a constant lambda, on every sample / only on the samples where the
+                     teacher's error is lower than the student's (hard gate); ARM_RECIPES: a preset plus --set
+With --start-from distill every arm fine-tunes the demo's distilled adapter of its seed (bench.demo.distill: the
+demo's recipe and cache, so a run the demo made is reused; its fine-tune lr) into runs/<arm>-from-distill-s<seed>;
+the arms default to min-snr, dynamic-kl (the teacher annealed), gated and constant, the distilled start is
+evaluated as step 0 (for alignment too), and every arm is compared with min-snr.
 For every seed s an arm is trained with --seed s and evaluated at each of its checkpoints (every `--every`
 steps): validation epsilon-MSE on fixed val triplets (every checkpoint) and the alignment of held-out prompts
 (the final checkpoint of every arm, and every checkpoint of the weighting arms), sampled from noise seed s.
@@ -21,7 +28,9 @@ Reported (results.md, results.json):
 (b) for uniform, min-snr, kl and dynamic-kl: the steps and the CPU time (steps x that arm's measured
     per-step CPU time, teacher included while it runs, from the trainer's timings.json) to first reach the
     min-snr arm's final validation epsilon-MSE and its final alignment, from the seed-mean curves;
-(c) timestep-aware minus static (dynamic-kl), alignment and epsilon-MSE, paired CIs.
+(c) timestep-aware minus static (dynamic-kl), alignment and epsilon-MSE, paired CIs;
+(d) from the distilled start: R at step 0 and at every checkpoint, every arm minus min-snr (paired CIs), and
+    (b) for every teacher arm, with min-snr's final R as the target (its epsilon-MSE: R falls as it rises).
 """
 from __future__ import annotations
 
@@ -43,6 +52,22 @@ TRAINED_ARMS = ("dynamic-kl", "last-layer", "uniform", "min-snr", "kl", "timeste
 WEIGHTING_ARMS = ("uniform", "min-snr", "kl", "dynamic-kl")
 BASELINE = "min-snr"
 EMPTY = "empty prompt"  # the teacher on "": the zero of the recovered gain R (evaluate.recovered_gain)
+START = "distilled start"  # --start-from distill: the distilled adapter every arm starts from (step 0)
+# Arms that are a preset plus `--set` overrides; every other arm is the preset of its own name.
+ARM_RECIPES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "constant": ("constant-teacher", ("loss.teacher_gate=none",)),  # lambda0 at every step, every sample
+    "gated": ("constant-teacher", ("loss.teacher_gate=hard",)),  # lambda0, only where the teacher's error is lower
+}
+# The teacher term's variants against min-snr alone (dynamic-kl: cosine-annealed to 0 by 30%, soft gate).
+TEACHER_ARMS = ("min-snr", "dynamic-kl", "gated", "constant")
+ARMS = tuple(dict.fromkeys((*TRAINED_ARMS, *ARM_RECIPES)))
+START_FROM = ("scratch", "distill")
+
+
+def arm_flags(arm: str) -> tuple[str, tuple[str, ...]]:
+    """(trainer preset, extra trainer flags) of an arm."""
+    preset, overrides = ARM_RECIPES.get(arm, (arm, ()))
+    return preset, tuple(flag for override in overrides for flag in ("--set", override))
 
 
 def _read(path: Path):
@@ -59,7 +84,8 @@ class Study:
     """Trains and evaluates arms on demand, caching every result as JSON under `out`."""
 
     def __init__(self, assets: Path, out: Path, steps: int, every: int, prompts: int, triplets: int, sampler_steps: int,
-                 guidance: float, train_images: int = 8000, extra: tuple[str, ...] = (), align_every: int = 0):
+                 guidance: float, train_images: int = 8000, extra: tuple[str, ...] = (), align_every: int = 0,
+                 start_from: str = "scratch", distill_steps: int = 0):
         from .evaluate import load_base_and_llm, make_triplets
         from .pipeline import ensure_train_data
         from .scenes import heldout_prompts
@@ -68,20 +94,41 @@ class Study:
         self.align_every = align_every or every
         self.sampler_steps, self.guidance = sampler_steps, guidance
         self.extra = extra  # more trainer flags for every arm (tests: a smaller batch)
+        if start_from not in START_FROM:
+            raise ValueError(f"start_from must be one of {START_FROM}, got {start_from!r}")
+        self.start_from = start_from
+        self.distill_steps = distill_steps  # 0: the demo's
+        self.quick = train_images < 8000  # the miniature study: the demo's miniature distillation
         self.data = ensure_train_data(out / f"train-{train_images}", n=train_images)
         self.base, self.llm = load_base_and_llm(assets)
         self.prompts = heldout_prompts(prompts)
         self.triplets = make_triplets(self.base, n=triplets)
 
     def run_dir(self, arm: str, seed: int) -> Path:
-        return self.out / "runs" / f"{arm}-s{seed}"
+        # Runs from the distilled start are other runs than the same arms from scratch: both fit in one --out.
+        return self.out / "runs" / f"{arm}{'-from-distill' if self.start_from == 'distill' else ''}-s{seed}"
+
+    def distilled(self, seed: int) -> Path:
+        """The demo's distillation run for `seed` (bench.demo.distill: its recipe, its cache, reused once trained)."""
+        from bench.demo import DISTILL_STEPS, distill
+
+        return distill(self.assets, seed, self.distill_steps or DISTILL_STEPS, quick=self.quick, quiet=True)
+
+    def train_flags(self, arm: str, seed: int) -> tuple[str, tuple[str, ...]]:
+        """(preset, extra trainer flags) of one run; from the distilled start, the demo's fine-tune settings."""
+        from bench.demo import FINE_TUNE_FLAGS
+
+        preset, overrides = arm_flags(arm)
+        start = (("--init-adapter", str(self.distilled(seed) / "adapter.safetensors"), *FINE_TUNE_FLAGS)
+                 if self.start_from == "distill" else ())
+        return preset, ("--set", f"checkpoint_every={self.every}", *start, *overrides, *self.extra)
 
     def train(self, arm: str, seed: int) -> Path:
         from .pipeline import train_adapter
 
-        return train_adapter(self.assets, self.data, self.run_dir(arm, seed), preset=arm, seed=seed,
-                             max_steps=self.steps, extra=("--set", f"checkpoint_every={self.every}", *self.extra),
-                             quiet=True)
+        preset, extra = self.train_flags(arm, seed)
+        return train_adapter(self.assets, self.data, self.run_dir(arm, seed), preset=preset, seed=seed,
+                             max_steps=self.steps, extra=extra, quiet=True)
 
     def conditioning(self, arm: str, seed: int, step: int):
         from training.checkpoint import load_checkpoint_adapter
@@ -92,6 +139,10 @@ class Study:
             return teacher_conditioning(self.base)
         if arm == EMPTY:
             return empty_conditioning(self.base)
+        if arm == START:
+            from adapter import load_adapter
+
+            return adapter_conditioning(load_adapter(self.distilled(seed) / "adapter.safetensors"), self.llm)
         checkpoint = self.run_dir(arm, seed) / "checkpoints" / f"step-{step:08d}"
         return adapter_conditioning(load_checkpoint_adapter(checkpoint), self.llm)
 
@@ -99,7 +150,9 @@ class Study:
         """{'eps': [per triplet], 'checks': [per prompt] or absent}, computed once and cached."""
         from .evaluate import alignment, eps_mse
 
-        folder = (self.out / "teacher" if arm in ("teacher", EMPTY) else self.run_dir(arm, seed)) / "eval"
+        # The distilled start's run may sit in a shared cache: its evaluations are kept under `out`.
+        folder = {"teacher": self.out / "teacher", EMPTY: self.out / "teacher",
+                  START: self.out / "distilled"}.get(arm, self.run_dir(arm, seed)) / "eval"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / (f"seed{seed}-step{step:08d}.json" if arm != EMPTY else f"empty-seed{seed}.json")
         result = _read(path) or {}
@@ -126,6 +179,18 @@ def _checks_matrix(evals: list[dict], check: str) -> np.ndarray:
     return np.array([[c[check] for c in e["checks"] if check in c] for e in evals], dtype=np.float64)
 
 
+def first_reach(steps: list[int], values: list[float], target: float, better, cpu, start: float | None = None):
+    """The first checkpoint whose value is at least as good as `target` (better(value, target)), with the CPU
+    seconds spent to reach it (`cpu`: cumulative per step, cpu[step - 1]): {'steps', 'cpu_s'}, or None when
+    none is. `start`: the value before any step (the distilled start), which costs nothing here."""
+    if start is not None and better(start, target):
+        return {"steps": 0, "cpu_s": 0.0}
+    for step, value in zip(steps, values):
+        if better(value, target):
+            return {"steps": step, "cpu_s": float(cpu[step - 1])}
+    return None
+
+
 def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
     from .evaluate import recovered_gain
     from .stats import mean_ci, paired_ci
@@ -133,11 +198,12 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
     steps = list(range(study.every, study.steps + 1, study.every))
     align_steps = [st for st in steps if st % study.align_every == 0 or st == study.steps]
     final = {}
-    for arm in ["teacher", *arms]:
-        final[arm] = [study.evaluation(arm, s, study.steps if arm != "teacher" else 0, True) for s in seeds]
+    distilled = study.start_from == "distill"
+    for arm in ["teacher", *([START] if distilled else []), *arms]:
+        final[arm] = [study.evaluation(arm, s, study.steps if arm in arms else 0, True) for s in seeds]
     checks = sorted({k for e in final["teacher"] for c in e["checks"] for k in c}, key=lambda k: (k == "overall", k))
     results: dict = {"seeds": seeds, "prompts": len(study.prompts), "steps": study.steps, "every": study.every,
-                     "align_every": study.align_every,
+                     "align_every": study.align_every, "start_from": study.start_from,
                      "final": {}, "comparisons": {}, "curves": {}, "time_to_target": {}}
     empty_eps = float(np.mean([study.evaluation(EMPTY, s, 0, False)["eps"] for s in seeds]))
     teacher_eps = float(np.mean([e["eps"] for e in final["teacher"]]))
@@ -148,7 +214,9 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
         results["final"][arm]["recovered_gain"] = recovered_gain(results["final"][arm]["eps_mse"][0], teacher_eps, empty_eps)
     pairs = [("dynamic-kl", "last-layer"), ("dynamic-kl", "teacher"), ("last-layer", "teacher"),
              ("timestep-aware", "dynamic-kl")]
-    for a, b in pairs:
+    if distilled:  # every arm against the teacher-free baseline, which against its start
+        pairs += [(a, BASELINE) for a in arms if a != BASELINE] + [(BASELINE, START)]
+    for a, b in dict.fromkeys(pairs):
         if a in final and b in final:
             comparison = {c: paired_ci(_checks_matrix(final[a], c), _checks_matrix(final[b], c)) for c in checks}
             comparison["eps_mse"] = paired_ci(np.array([e["eps"] for e in final[a]]), np.array([e["eps"] for e in final[b]]))
@@ -156,7 +224,7 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
 
     # Validation epsilon-MSE at every checkpoint of every arm (seconds each); alignment along the way only
     # for the weighting arms, which the time-to-target comparison needs (minutes each).
-    weighting = [a for a in WEIGHTING_ARMS if a in arms] if BASELINE in arms else []
+    weighting = [a for a in arms if a in (*WEIGHTING_ARMS, *TEACHER_ARMS)] if BASELINE in arms else []
     for arm in arms:
         curve = {"step": steps, "eps_mse": []}
         if arm in weighting:
@@ -170,12 +238,15 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
         results["curves"][arm] = curve
     if weighting:
         target = {"eps_mse": results["curves"][BASELINE]["eps_mse"][-1], "overall": results["curves"][BASELINE]["overall"][-1]}
+        # Reaching the baseline's final R is reaching its epsilon-MSE: R falls as the loss rises.
+        target["recovered_gain"] = recovered_gain(target["eps_mse"], teacher_eps, empty_eps)
+        start = results["final"].get(START)
         for arm in weighting:
             cpu = np.mean([study.step_cpu_seconds(arm, s) for s in seeds], axis=0)
             row = {"cpu_s_per_step": float(cpu[-1] / len(cpu))}
             for metric, at, better in (("eps_mse", steps, np.less_equal), ("overall", align_steps, np.greater_equal)):
-                reached = [st for st, v in zip(at, results["curves"][arm][metric]) if better(v, target[metric])]
-                row[metric] = ({"steps": reached[0], "cpu_s": float(cpu[reached[0] - 1])} if reached else None)
+                row[metric] = first_reach(at, results["curves"][arm][metric], target[metric], better, cpu,
+                                          start=start[metric][0] if start else None)
             results["time_to_target"][arm] = row
         results["target"] = target
     return results
@@ -190,7 +261,9 @@ def results_markdown(results: dict) -> str:
     dfmt = lambda m, c="": f"{m[0]:+.{digits(c)}f} [{m[1]:+.{digits(c)}f}, {m[2]:+.{digits(c)}f}]"  # noqa: E731
     arms = list(results["final"])
     checks = [c for c in results["final"]["teacher"] if c not in ("eps_mse", "recovered_gain")]
-    out = [f"Seeds {results['seeds']}, {results['prompts']} held-out prompts, {results['steps']} adapter steps, "
+    start_from = (f" from the distilled start (`{START}`: the demo's distilled adapter of each seed, where every "
+                  "arm begins)" if results.get("start_from") == "distill" else "")
+    out = [f"Seeds {results['seeds']}, {results['prompts']} held-out prompts, {results['steps']} adapter steps{start_from}, "
            f"checkpoints every {results['every']} steps (alignment every {results.get('align_every', results['every'])}). "
            "Mean [95% paired bootstrap CI over prompts and seeds].", "",
            "### Final alignment (accuracy per check) and validation epsilon-MSE", "",
@@ -204,11 +277,8 @@ def results_markdown(results: dict) -> str:
             ["check", *names], [[c, *(dfmt(results["comparisons"][n][c], c) for n in names)] for c in [*checks, "eps_mse"]])]
     if results["curves"]:
         curves = results["curves"]
-        teacher = results["final"]["teacher"]["eps_mse"][0]
-        steps = next(iter(curves.values()))["step"]
-        out += ["", f"### Validation epsilon-MSE (and R) at each checkpoint (seed mean; the teacher: {teacher:.5f})", "",
-                markdown_table(["step", *curves], [[str(st), *(f"{curves[a]['eps_mse'][i]:.5f} ({curves[a]['recovered_gain'][i]:.2f})"
-                                                               for a in curves)] for i, st in enumerate(steps)])]
+        out += ["", f"### Validation epsilon-MSE (and R) at each checkpoint (seed mean; the teacher: "
+                    f"{results['final']['teacher']['eps_mse'][0]:.5f})", "", markdown_table(*curve_table(results))]
     if results["time_to_target"]:
         t = results["target"]
         rows = []
@@ -219,11 +289,28 @@ def results_markdown(results: dict) -> str:
                 hit, ref = row[metric], base.get(metric)
                 cells += ["not reached", "-"] if hit is None else [
                     f"{hit['steps']} ({hit['cpu_s'] / 60:.1f} CPU-min)",
-                    f"{hit['cpu_s'] / ref['cpu_s']:.2f}" if ref else "-"]
+                    f"{hit['cpu_s'] / ref['cpu_s']:.2f}" if ref and ref["cpu_s"] > 0 else "-"]
             rows.append(cells)
-        out += ["", f"### Time to reach {BASELINE}'s final quality (eps-MSE {t['eps_mse']:.4f}, overall {t['overall']:.3f})",
-                "", markdown_table(["arm", "CPU s/step", "steps to eps-MSE", "time ratio", "steps to overall", "time ratio"], rows)]
+        r = f"R {t['recovered_gain']:.3f} = " if "recovered_gain" in t else ""
+        out += ["", f"### Time to reach {BASELINE}'s final quality ({r}eps-MSE {t['eps_mse']:.4f}, overall {t['overall']:.3f})",
+                "", "CPU time = steps x the arm's measured CPU seconds per step (the teacher's forward included while "
+                "it runs); 0 steps: its start is already there.",
+                "", markdown_table(["arm", "CPU s/step", "steps to R (eps-MSE)", "time ratio", "steps to overall", "time ratio"],
+                                   rows)]
     return "\n".join(out) + "\n"
+
+
+def curve_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of validation epsilon-MSE and R at each checkpoint per arm; from the distilled start,
+    a first row for step 0: the start every arm shares."""
+    curves = results["curves"]
+    steps = next(iter(curves.values()))["step"]
+    rows = [[str(st), *(f"{curves[a]['eps_mse'][i]:.5f} ({curves[a]['recovered_gain'][i]:.3f})" for a in curves)]
+            for i, st in enumerate(steps)]
+    start = results["final"].get(START)
+    if start:
+        rows.insert(0, [f"0 ({START})", *[f"{start['eps_mse'][0]:.5f} ({start['recovered_gain']:.3f})"] * len(curves)])
+    return ["step", *curves], rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,7 +318,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
     parser.add_argument("--out", type=Path, default=Path("outputs/shapes-study"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--arms", nargs="+", default=list(TRAINED_ARMS), choices=TRAINED_ARMS)
+    parser.add_argument("--arms", nargs="+", default=None, choices=ARMS,
+                        help=f"default: {' '.join(TRAINED_ARMS)}; with --start-from distill, {' '.join(TEACHER_ARMS)}")
+    parser.add_argument("--start-from", choices=START_FROM, default="scratch",
+                        help="distill: every arm fine-tunes the demo's distilled adapter of its seed (bench.demo: its "
+                             "distillation recipe and cache, its fine-tune lr), trained first where missing")
+    parser.add_argument("--distill-steps", type=int, default=0,
+                        help="with --start-from distill: the distillation run's steps (default: the demo's)")
     parser.add_argument("--steps", type=int, default=400, help="adapter steps per run (the demo trains 600)")
     parser.add_argument("--every", type=int, default=100, help="checkpoint (and validation epsilon-MSE) every N steps")
     parser.add_argument("--align-every", type=int, default=200,
@@ -243,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--guidance", type=float, default=4.0)
     parser.add_argument("--quick", action="store_true", help="miniature untrained assets (tests only)")
     args = parser.parse_args(argv)
+    args.arms = args.arms or list(TEACHER_ARMS if args.start_from == "distill" else TRAINED_ARMS)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     import torch
     from tqdm.auto import tqdm
@@ -251,13 +345,20 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.steps % args.every or args.align_every % args.every:
         parser.error(f"--steps ({args.steps}) and --align-every ({args.align_every}) must be multiples of --every ({args.every})")
+    if args.distill_steps < 0:
+        parser.error(f"--distill-steps must be >= 0, got {args.distill_steps}")
     if args.jobs < 1:
         parser.error(f"--jobs must be at least 1, got {args.jobs}")
     torch.set_num_threads(1)
     study = Study(ensure_assets(args.assets, quick=args.quick), args.out, args.steps, args.every, args.prompts, args.triplets,
                   args.sampler_steps, args.guidance, *((64, ("--batch-size", "4")) if args.quick else ()),
-                  align_every=args.align_every)
+                  align_every=args.align_every, start_from=args.start_from, distill_steps=args.distill_steps)
     jobs = [(arm, seed) for seed in args.seeds for arm in args.arms]
+    if args.start_from == "distill":  # every seed's start first: its arms (maybe running at once) all read it
+        with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+            for future in tqdm(as_completed([pool.submit(study.distilled, s) for s in args.seeds]),
+                               total=len(args.seeds), desc="distilling"):
+                future.result()
     # Trainer subprocesses do the work; threads here only wait on them. A failed run stops the study
     # with its log tail (the others finish their current run first), and a rerun resumes it.
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:

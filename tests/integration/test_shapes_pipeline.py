@@ -97,3 +97,27 @@ def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets,
     refused = run_in_own_group([sys.executable, "-m", "bench.shapes.diagnose", "--assets", str(quick_assets),
                                 str(tmp_path / "not-a-run")], dict(os.environ), timeout=600)
     assert refused.returncode != 0 and "neither an adapter .safetensors file" in refused.stderr
+
+
+def test_study_from_the_distilled_start_trains_teacher_arms_from_the_demo_distillation(quick_assets, tmp_path):
+    out = tmp_path / "study"
+    _run(["-m", "bench.shapes.study", "--quick", "--assets", str(quick_assets), "--out", str(out), "--seeds", "0",
+          "--start-from", "distill", "--distill-steps", "3", "--arms", "min-snr", "gated", "--steps", "2", "--every", "1",
+          "--align-every", "2", "--jobs", "2", "--prompts", "4", "--triplets", "8", "--sampler-steps", "2"], tmp_path)
+    # the distillation run is the demo's (its cache folder and key), trained once and shared by the arms
+    distilled = [p for p in (tmp_path / "cache" / "shapes").iterdir() if p.name.startswith("demo-distill-")]
+    assert len(distilled) == 1 and distilled[0].name.endswith("-quick")
+    for arm, gate in (("min-snr", None), ("gated", "hard")):
+        state = json.loads((out / "runs" / f"{arm}-from-distill-s0" / "checkpoints" / "step-00000002" / "state.json").read_text())
+        assert state["config"]["model"]["init_adapter"] == str(distilled[0] / "adapter.safetensors")
+        assert state["config"]["optim"]["lr"] == 3e-4
+        if gate:
+            assert (state["config"]["loss"]["teacher_schedule"], state["config"]["loss"]["teacher_gate"]) == ("constant", gate)
+    results = json.loads((out / "results.json").read_text())
+    assert results["start_from"] == "distill" and set(results["final"]) == {"teacher", "distilled start", "min-snr", "gated"}
+    assert {"gated - min-snr", "min-snr - distilled start"} <= set(results["comparisons"])
+    assert set(results["time_to_target"]) == {"min-snr", "gated"}
+    assert len(results["curves"]["gated"]["recovered_gain"]) == 2
+    table = (out / "results.md").read_text()
+    assert "| 0 (distilled start) |" in table and "steps to R (eps-MSE)" in table
+    assert (out / "distilled" / "eval" / "seed0-step00000000.json").is_file()  # kept under --out, not in the cache
