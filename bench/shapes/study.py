@@ -276,7 +276,6 @@ def results_markdown(results: dict) -> str:
         out += ["", "### Differences", "", markdown_table(
             ["check", *names], [[c, *(dfmt(results["comparisons"][n][c], c) for n in names)] for c in [*checks, "eps_mse"]])]
     if results["curves"]:
-        curves = results["curves"]
         out += ["", f"### Validation epsilon-MSE (and R) at each checkpoint (seed mean; the teacher: "
                     f"{results['final']['teacher']['eps_mse'][0]:.5f})", "", markdown_table(*curve_table(results))]
     if results["time_to_target"]:
