@@ -97,14 +97,17 @@ def train_adapter(assets: Path, data: Path, out: str | Path, preset: str, seed: 
 
 
 def load_checkpoint_adapter(checkpoint: str | Path):
-    """The adapter of a training checkpoint, with its EMA weights when it has them (what export() writes)."""
+    """The adapter of a training checkpoint, with its EMA weights when it has them (what export() writes): ours, or
+    an ELLA / RouWei module trained from scratch (training.train --arch)."""
     import torch
 
-    from adapter import AdapterConfig, LLMDiffAdapter
+    from adapter import AdapterConfig
+    from adapter.file_format import build_module
     from training import checkpoint as ckpt
 
     saved = ckpt.load(Path(checkpoint))
-    adapter = LLMDiffAdapter(AdapterConfig.from_dict(saved["state"]["adapter_config"]))
+    # ours, or an ELLA / RouWei module started with --arch (its AdapterConfig has `architecture`)
+    adapter = build_module(AdapterConfig.from_dict(saved["state"]["adapter_config"]))
     weights = saved["ema"] if saved["ema"] is not None else {
         k.removeprefix("adapter."): v for k, v in saved["trainable"].items() if k.startswith("adapter.")}
     adapter.load_state_dict(weights, strict=True)
