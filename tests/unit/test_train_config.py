@@ -96,3 +96,30 @@ def test_bad_toml_and_missing_file_are_named(tmp_path):
 def test_round_trip_through_the_stored_dict():
     cfg, _ = resolve_config(["--preset", "hard-gate", "--set", "lora.enabled=true", "--max-steps", "11"])
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_arch_flag_picks_the_architecture_and_leaves_the_arch_section_alone(tmp_path):
+    """--arch sets model.arch; [arch] (our adapter's sizes, written into its files) keeps every key and meaning,
+    and the ELLA / RouWei sizes have sections of their own."""
+    cfg, _ = resolve_config(["--arch", "ella", "--set", "arch.width=96", "--set", "ella.layers=3",
+                             "--set", "rouwei.target_seq_len=154"])
+    assert (cfg.model.arch, cfg.arch.width, cfg.ella.layers, cfg.rouwei.target_seq_len) == ("ella", 96, 3, 154)
+    assert "kind" not in cfg.to_dict()["arch"]
+    cfg, _ = resolve_config(["--config", write(tmp_path, '[model]\narch = "rouwei-gemma"\nexport_format = "ours"\n')])
+    assert (cfg.model.arch, cfg.model.export_format) == ("rouwei-gemma", "ours")
+    cfg, _ = resolve_config([])
+    assert (cfg.model.arch, cfg.model.export_format) == ("ours", "source")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--arch", "perceiver"], "model.arch (--arch) must be one of ours, ella, rouwei-gemma; got 'perceiver'"),
+    (["--export-format", "diffusers"], "model.export_format (--export-format) must be source or ours"),
+    (["--arch", "ella", "--init-adapter", "x.safetensors"], "cannot be combined with --init-adapter"),
+    (["--arch", "rouwei-gemma", "--concat-clip"], "cannot be combined with --concat-clip"),
+    (["--arch", "ella", "--set", "data.cache_llm_states=true"], "cannot be combined with data.cache_llm_states"),
+    (["--set", "ella.wings=2"], "unknown config key 'ella.wings'"),
+])
+def test_bad_arch_settings_are_refused(argv, needle):
+    with pytest.raises(TrainConfigError) as err:
+        resolve_config(argv)
+    assert needle in str(err.value)
