@@ -287,6 +287,8 @@ def load_adapter(path: PathLike, device: Union[str, torch.device] = "cpu", dtype
         raise AdapterFileError(f"{path} has an invalid adapter config: {err}") from None
     _check_state_dict(path, adapter.state_dict(), tensors)
     adapter.load_state_dict(tensors, strict=True, assign=True)
+    if config.architecture is not None:  # `.config` is its ForeignConfig; the file's own config (provenance too) stays here
+        adapter.file_config = config
     return adapter.to(device=device, dtype=dtype).eval()
 
 

@@ -118,3 +118,16 @@ def test_rouwei_for_sdxl_keeps_its_pooled_head(qwen, template):
 def test_sizes_that_do_not_fit_are_refused(arch, sizes, target, error, words, qwen, template):
     with pytest.raises(error, match=words):
         fresh_config(arch, sizes, qwen, target, template)
+
+
+def test_inspect_and_upgrade_keep_the_module_and_its_provenance(qwen, template, tmp_path, capsys):
+    from adapter import __main__ as cli
+
+    module = fresh_module("rouwei-gemma", ROUWEI, qwen, sd15(), template)
+    path = save_adapter(tmp_path / "r.safetensors", module, to_adapter_config(module.config, training={"steps": 7}))
+    assert cli.main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rouwei module trained on" in out and '"steps": 7' in out and "layout ours" in out
+    assert cli.main(["upgrade", str(path), "--out", str(tmp_path / "u.safetensors")]) == 0
+    again = load_adapter(tmp_path / "u.safetensors")
+    assert again.config == module.config and again.file_config.training == {"steps": 7}
