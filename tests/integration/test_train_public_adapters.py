@@ -50,6 +50,26 @@ def shapes_and_dtypes(path) -> dict:
         return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
 
 
+def node_conditioning_matches_the_trainer(comfy_models, exported, text_model, trained, name):
+    """Load `exported` with LLMDiffLoadAdapter and `text_model` with LLMDiffLoadLLM; the node's conditioning of a
+    prompt and of the empty prompt (which caption dropout trains) is the trainer's encode_for + adapter_context on
+    `trained` (ELLA: at the node's fixed timestep, which `timesteps=None` decodes at). Returns (handle, info)."""
+    llm_dir, adapter_dir = comfy_models
+    shutil.copy(exported, adapter_dir / name)
+    handle, info = node_classes()["LLMDiffLoadAdapter"].execute(name).args
+    (llm_dir / "text-model").symlink_to(text_model)
+    llm = node_classes()["LLMDiffLoadLLM"].execute("text-model", "auto").args[0]
+    library_llm = load_llm(text_model)
+    for prompt in ("a red square, picture number 1", ""):
+        [[context, extras]], _ = node_classes()["LLMDiffTextEncode"].execute(llm, handle, prompt).args
+        with torch.no_grad():
+            expected, pooled = adapter_context(trained, encode_for(trained, library_llm, None, [prompt]), None)
+        torch.testing.assert_close(context, expected, rtol=1e-5, atol=1e-5)
+        if pooled is not None:
+            torch.testing.assert_close(extras["pooled_output"], pooled, rtol=1e-5, atol=1e-5)
+    return handle, info
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_fine_tune_resume_and_export_in_the_original_layout(name, tmp_path, comfy_models):  # noqa: F811
     pipeline, text_model, write, layout, flags = CASES[name]
@@ -95,34 +115,18 @@ def test_fine_tune_resume_and_export_in_the_original_layout(name, tmp_path, comf
     trained = load_foreign_adapter(exported)
     assert trained.config.layout == layout and trained.config.arch == source.config.arch
 
-    # ... and so does our loader node, with exactly the exported weights.
-    _, adapter_dir = comfy_models
-    shutil.copy(exported, adapter_dir / f"{name}-trained.safetensors")
-    handle = node_classes()["LLMDiffLoadAdapter"].execute(f"{name}-trained.safetensors").args[0]
+    # ... and so does our loader node, with exactly the exported weights; what was trained is what is sampled.
+    handle, _ = node_conditioning_matches_the_trainer(comfy_models, exported, text_model(), trained,
+                                                      f"{name}-trained.safetensors")
     assert handle.module.config.layout == layout
     node_weights, file_weights = handle.module.state_dict(), trained.state_dict()
     assert node_weights.keys() == file_weights.keys()
     assert all(torch.equal(node_weights[k].float(), file_weights[k].float()) for k in file_weights)
-
-    # What was trained is what is sampled: the node's conditioning (prompt, and the empty prompt caption dropout
-    # trains) is the trainer's own encode_for + adapter_context (ELLA: at the node's fixed timestep, which is what
-    # `timesteps=None` decodes at).
-    llm_dir, _ = comfy_models
-    (llm_dir / "text-model").symlink_to(text_model())
-    llm = node_classes()["LLMDiffLoadLLM"].execute("text-model", "auto").args[0]
-    library_llm = load_llm(text_model())
-    for prompt in ("a red square, picture number 1", ""):
-        [[context, extras]], _ = node_classes()["LLMDiffTextEncode"].execute(llm, handle, prompt).args
-        with torch.no_grad():
-            expected, pooled = adapter_context(trained, encode_for(trained, library_llm, None, [prompt]), None)
-        torch.testing.assert_close(context, expected, rtol=1e-5, atol=1e-5)
-        if pooled is not None:
-            torch.testing.assert_close(extras["pooled_output"], pooled, rtol=1e-5, atol=1e-5)
-        assert (pooled is None) == (pipeline == "sd15")
+    assert (handle.module.config.target.pooled_dim is None) == (pipeline == "sd15")
 
     # The trainer's conditioning hands each sample's timestep to a timestep-aware adapter (ELLA), so its
     # context differs across t in one batch; RouWei's does not depend on t.
-    encoded = encode_for(trained, library_llm, None, ["a red square"] * 2)
+    encoded = encode_for(trained, load_llm(text_model()), None, ["a red square"] * 2)
     with torch.no_grad():
         context, _ = adapter_context(trained, encoded, None, torch.tensor([900, 50]))
     assert (not torch.allclose(context[0], context[1])) == (name == "ella")
@@ -166,26 +170,6 @@ SCRATCH = {
     "rouwei-gemma": ("--arch", "rouwei-gemma", "--set", "rouwei.n_wide_blocks=1", "--set", "rouwei.n_narrow_blocks=1",
                      "--set", "rouwei.num_heads=4", "--set", "rouwei.target_seq_len=10", "--set", "rouwei.max_input_len=48"),
 }
-
-
-def node_conditioning_matches_the_trainer(comfy_models, exported, text_model, trained, name):
-    """Load `exported` with LLMDiffLoadAdapter and `text_model` with LLMDiffLoadLLM; the node's conditioning of a
-    prompt and of the empty prompt is the trainer's encode_for + adapter_context on `trained` (ELLA: at the node's
-    fixed timestep, which `timesteps=None` decodes at)."""
-    llm_dir, adapter_dir = comfy_models
-    shutil.copy(exported, adapter_dir / name)
-    handle, info = node_classes()["LLMDiffLoadAdapter"].execute(name).args
-    (llm_dir / "text-model").symlink_to(text_model)
-    llm = node_classes()["LLMDiffLoadLLM"].execute("text-model", "auto").args[0]
-    library_llm = load_llm(text_model)
-    for prompt in ("a red square, picture number 1", ""):
-        [[context, extras]], _ = node_classes()["LLMDiffTextEncode"].execute(llm, handle, prompt).args
-        with torch.no_grad():
-            expected, pooled = adapter_context(trained, encode_for(trained, library_llm, None, [prompt]), None)
-        torch.testing.assert_close(context, expected, rtol=1e-5, atol=1e-5)
-        if pooled is not None:
-            torch.testing.assert_close(extras["pooled_output"], pooled, rtol=1e-5, atol=1e-5)
-    return handle, info
 
 
 @pytest.mark.parametrize("arch", list(SCRATCH))
