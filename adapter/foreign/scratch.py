@@ -56,12 +56,17 @@ class RouWeiSizes:
     target_seq_len: int = 308  # output tokens (4 x 77)
     max_input_len: int = 512  # input tokens the module pads / cuts to (its learned input positions)
     mlp_ratio: float = 4.0
+    # Std of the learned tokens (queries, positions, pooling token) at the start; not stored in the file. 0.02 is
+    # the usual transformer init; at that scale the 308 outputs on the shapes benchmark stayed nearly identical
+    # (std across tokens 0.03 after 600 steps, docs/benchmarks.md), as our own queries did at 0.02.
+    init_std: float = 0.02
 
 
 def _positive(section: str, values: dict) -> None:
-    bad = [f"{section}.{k} = {v}" for k, v in values.items() if v < 1 and not (k == "time_embed_dim" and v == 0)]
+    bad = [f"{section}.{k} = {v}" for k, v in values.items()
+           if v < 1 and not (k == "time_embed_dim" and v == 0) and not (k == "init_std" and v > 0)]
     if bad:
-        raise ConfigError(f"{', '.join(bad)}: sizes must be >= 1")
+        raise ConfigError(f"{', '.join(bad)}: sizes must be >= 1 (init_std > 0)")
 
 
 def fresh_config(arch: str, sizes, llm, target: TargetSpec, template) -> ForeignConfig:
@@ -111,9 +116,10 @@ def build(config: ForeignConfig) -> nn.Module:
 
 
 @torch.no_grad()
-def initialise(module: nn.Module) -> nn.Module:
+def initialise(module: nn.Module, token_std: float = 0.02) -> nn.Module:
     """Random starting weights for a fresh module: the constructors leave the learned tokens and ELLA's fused
-    attention at zero (a published file overwrites them). Linear layers keep PyTorch's default init."""
+    attention at zero (a published file overwrites them). Linear layers keep PyTorch's default init; RouWei's
+    learned tokens are drawn with std `token_std`."""
     if isinstance(module, EllaAdapter):
         width = module.ella.width
         module.connector.latents.normal_(0.0, width ** -0.5)
@@ -127,13 +133,13 @@ def initialise(module: nn.Module) -> nn.Module:
     else:
         for name in ("input_position_embeddings", "output_position_embeddings", "compression_queries", "pooling_token"):
             if hasattr(module, name):
-                getattr(module, name).normal_(0.0, 0.02)
+                getattr(module, name).normal_(0.0, token_std)
     return module
 
 
 def fresh_module(arch: str, sizes, llm, target: TargetSpec, template) -> nn.Module:
     """A fresh, initialised `arch` module (seed the global RNG first for a reproducible start)."""
-    return initialise(build(fresh_config(arch, sizes, llm, target, template)))
+    return initialise(build(fresh_config(arch, sizes, llm, target, template)), getattr(sizes, "init_std", 0.02))
 
 
 # ----------------------------------------------------------------------------- our file format
