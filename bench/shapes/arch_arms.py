@@ -9,8 +9,9 @@ in `--arch` and that architecture's sizes, scaled to the tiny pipeline:
     ours     LLMDiffAdapter as the study trains it ([arch] of adapter.toml: width 128, 2 refiner + 2 resampler blocks)
     ella     --arch ella: timestep-aware Perceiver, 6 blocks and 64 latents as published, 4 heads, width 64
     rouwei   --arch rouwei-gemma: 2 wide + 3 narrow blocks and 308 = 4 x 77 outputs as published, 4 heads,
-             width 64, inputs padded / cut to 32 tokens (the longest shapes prompt is 14 with the template)
-    rouwei-unit  (not run by default) rouwei with its learned tokens drawn at std 1 instead of 0.02
+             width 64, inputs padded / cut to 32 tokens (the longest shapes prompt is 14 with the template),
+             its learned tokens drawn at std 0.02
+    rouwei-unit  the same at std 1 (the trainer's default)
 
 Neither ELLA nor RouWei has an output projection, so their width is the tiny UNet's context width (64); their
 input is the tiny LM's final-norm last hidden state (128 wide) through the same prompt template as ours.
@@ -32,8 +33,10 @@ PRESET = "dynamic-kl"
 ARMS = {
     "ours": (),
     "ella": ("--arch", "ella", "--set", "ella.heads=4"),
-    "rouwei": ("--arch", "rouwei-gemma", "--set", "rouwei.num_heads=4", "--set", "rouwei.max_input_len=32"),
-    # the same with unit-scale learned tokens (queries, positions), as our adapter's queries
+    # its learned tokens (queries, positions) drawn at the usual std 0.02: what was measured first
+    "rouwei": ("--arch", "rouwei-gemma", "--set", "rouwei.num_heads=4", "--set", "rouwei.max_input_len=32",
+               "--set", "rouwei.init_std=0.02"),
+    # the same at unit scale, as our adapter's queries (the trainer's default since that measurement)
     "rouwei-unit": ("--arch", "rouwei-gemma", "--set", "rouwei.num_heads=4", "--set", "rouwei.max_input_len=32",
                     "--set", "rouwei.init_std=1.0"),
 }
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
     parser.add_argument("--data", type=Path, default=None, help="train-8000 image folder (default: the cache's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/arch-arms"))
-    parser.add_argument("--arms", nargs="+", default=["ours", "ella", "rouwei"], choices=list(ARMS))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=600, help="steps per arm (checkpoints every 100: adapter.toml)")
     parser.add_argument("--measure-only", action="store_true", help="skip training; measure the checkpoints there are")
