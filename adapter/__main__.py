@@ -216,6 +216,14 @@ def cmd_inspect(args) -> int:
             print(f"{args.file}: published adapter\n{describe_adapter(module)}\nOK")
             return EXIT_OK
     adapter = load_adapter(args.file, dtype=_file_dtype(header))  # full validation: config, names, shapes, data
+    if getattr(adapter, "file_config", None) is not None:  # an ELLA / RouWei module in our format
+        from .foreign import describe_adapter
+
+        training = adapter.file_config.training
+        print(f"{args.file}: llm-diff-adapter format, {adapter.file_config.architecture['kind']} module trained on "
+              f"{adapter.file_config.llm.name or adapter.file_config.llm.architecture}\n{describe_adapter(adapter)}\n"
+              f"training: {json.dumps(training, sort_keys=True) if training else '(untrained)'}\nOK")
+        return EXIT_OK
     print(describe(args.file, adapter, (header.get("__metadata__") or {}).get("format_version", "?")))
     return EXIT_OK
 
@@ -227,7 +235,7 @@ def cmd_upgrade(args) -> int:
     version = (header.get("__metadata__") or {}).get("format_version")
     adapter = load_adapter(args.file, dtype=_file_dtype(header))  # applies the migrations
     out = args.out or args.file
-    save_adapter(out, adapter)
+    save_adapter(out, adapter, getattr(adapter, "file_config", None))  # an ELLA / RouWei module keeps its file's config
     print(f"wrote {out} at format_version {FORMAT_VERSION} (was {version})")
     return EXIT_OK
 

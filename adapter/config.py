@@ -141,16 +141,30 @@ class AdapterConfig:
     arch: ArchConfig = field(default_factory=ArchConfig)
     concat_clip: bool = False  # trained with frozen CLIP tokens beside the adapter's
     training: dict[str, Any] = field(default_factory=dict)  # provenance; empty until trained
+    # None (and absent from the file) = our LLMDiffAdapter, sized by `arch`. Otherwise the module is of another
+    # architecture (adapter/foreign/scratch.py): {"kind": "ella" | "rouwei", "preset": name, "sizes": its
+    # constructor's arguments, "text": the adapter.foreign.text.TextSide it reads}; `arch` is then not written.
+    architecture: Optional[dict[str, Any]] = None
 
     def validate(self) -> None:
         self.template.validate()
         self.target.validate()
-        self.arch.validate()
+        if self.architecture is None:
+            self.arch.validate()
+        elif not (isinstance(self.architecture, dict) and self.architecture.get("kind") in ("ella", "rouwei")
+                  and isinstance(self.architecture.get("sizes"), dict) and isinstance(self.architecture.get("text"), dict)):
+            raise ConfigError(f"adapter config 'architecture' must be an object with kind ella or rouwei, sizes and "
+                              f"text, got {self.architecture!r}")
         if self.llm.hidden_size < 1 or self.llm.num_layers < 1:
             raise ConfigError(f"llm.hidden_size and llm.num_layers must be >= 1, got {self.llm.hidden_size}, {self.llm.num_layers}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        if self.architecture is None:
+            del data["architecture"]  # our own adapters' files stay exactly as they were
+        else:
+            del data["arch"]  # our sizes do not describe another architecture's module
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AdapterConfig":
@@ -163,6 +177,7 @@ class AdapterConfig:
                 arch=_build(ArchConfig, data.get("arch", {}), "arch"),
                 concat_clip=bool(data.get("concat_clip", False)),
                 training=dict(data.get("training") or {}),
+                architecture=data.get("architecture"),
             )
         except KeyError as missing:
             raise ConfigError(f"adapter config lacks the section {missing}") from None

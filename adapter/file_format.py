@@ -208,10 +208,25 @@ def _short(items: list[str], limit: int = 5) -> str:
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
 
 
+def build_module(config: AdapterConfig) -> torch.nn.Module:
+    """The module a config describes, with `.config` set: our LLMDiffAdapter, or, when `config.architecture` is set,
+    an ELLA / RouWei module (adapter/foreign/scratch.py) whose `.config` is its ForeignConfig."""
+    if config.architecture is None:
+        return LLMDiffAdapter(config)
+    from .foreign.scratch import build, from_adapter_config
+
+    try:
+        return build(from_adapter_config(config))
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:  # sizes the constructor cannot build
+        raise ConfigError(f"adapter config 'architecture': {err}") from None
+
+
 def _expected_state_dict(config: AdapterConfig) -> dict[str, torch.Tensor]:
     """Names and shapes of the module a config describes, built on the meta device (no memory, no init cost)."""
     with torch.device("meta"):
-        return LLMDiffAdapter(config).state_dict()
+        return build_module(config).state_dict()
 
 
 def save_adapter(path: PathLike, adapter: LLMDiffAdapter, config: Optional[AdapterConfig] = None) -> Path:
@@ -247,7 +262,8 @@ def save_adapter(path: PathLike, adapter: LLMDiffAdapter, config: Optional[Adapt
 
 
 def load_adapter(path: PathLike, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32) -> LLMDiffAdapter:
-    """Rebuild the adapter a file describes and load its weights strictly; `.config` is attached."""
+    """Rebuild the adapter a file describes and load its weights strictly; `.config` is attached (a file with an
+    `architecture` gives that ELLA / RouWei module, whose `.config` is an adapter.foreign ForeignConfig)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -264,10 +280,15 @@ def load_adapter(path: PathLike, device: Union[str, torch.device] = "cpu", dtype
     for step in steps:
         tensors = step.tensors(tensors)
 
-    with torch.device("meta"):  # no random init: every tensor comes from the file
-        adapter = LLMDiffAdapter(config)
+    try:
+        with torch.device("meta"):  # no random init: every tensor comes from the file
+            adapter = build_module(config)
+    except ConfigError as err:
+        raise AdapterFileError(f"{path} has an invalid adapter config: {err}") from None
     _check_state_dict(path, adapter.state_dict(), tensors)
     adapter.load_state_dict(tensors, strict=True, assign=True)
+    if config.architecture is not None:  # `.config` is its ForeignConfig; the file's own config (provenance too) stays here
+        adapter.file_config = config
     return adapter.to(device=device, dtype=dtype).eval()
 
 

@@ -31,7 +31,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapter import AdapterConfig, LLMDiffAdapter
+from adapter import AdapterConfig
+from adapter.file_format import build_module
 
 log = logging.getLogger(__name__)
 
@@ -179,10 +180,11 @@ def adapter_weights(parameters: dict[str, torch.Tensor],
     return {k.removeprefix(ADAPTER_PREFIX): v for k, v in parameters.items() if k.startswith(ADAPTER_PREFIX)}, "raw"
 
 
-def load_checkpoint_adapter(checkpoint: str | Path) -> LLMDiffAdapter:
-    """The adapter of a training checkpoint (fp32, eval mode), with the weights adapter_weights() picks."""
+def load_checkpoint_adapter(checkpoint: str | Path) -> torch.nn.Module:
+    """The adapter of a training checkpoint (fp32, eval mode), with the weights adapter_weights() picks: ours, or an
+    ELLA / RouWei module trained from scratch (`--arch`; its AdapterConfig has `architecture`)."""
     saved = load(Path(checkpoint))
-    adapter = LLMDiffAdapter(AdapterConfig.from_dict(saved["state"]["adapter_config"]))
+    adapter = build_module(AdapterConfig.from_dict(saved["state"]["adapter_config"]))
     weights, _ = adapter_weights(saved["trainable"], saved["ema"])
     adapter.load_state_dict(weights, strict=True)
     return adapter.to(torch.float32).eval()

@@ -23,6 +23,7 @@ except ModuleNotFoundError:  # pragma: no cover - Python 3.10
     import tomli as tomllib  # type: ignore[no-redef]
 
 from adapter.config import ArchConfig, TemplateConfig
+from adapter.foreign.scratch import ARCHS, EllaSizes, RouWeiSizes
 from training.losses import LossConfig
 
 CONFIGS_DIR = Path(__file__).resolve().parent / "configs"
@@ -46,6 +47,13 @@ class ModelConfig:
     num_tokens: int = 77  # adapter tokens N (77 batches with a CLIP negative in one UNet call)
     llm_dtype: str = "auto"  # auto = the mixed-precision dtype on GPU, fp32 on CPU
     attention_backend: str = "sdpa"  # "sdpa" or "xformers" (UNet; needs xformers installed)
+    # The architecture of a fresh adapter: "ours" (LLMDiffAdapter, sized by [arch]), or "ella" / "rouwei-gemma"
+    # (sized by [ella] / [rouwei]; adapter/foreign/scratch.py). Not a key of [arch]: that section is written into
+    # every adapter file of ours, so a new key there would change their format.
+    arch: str = "ours"
+    # What adapter.safetensors is written as: "source" = the format the adapter came in (a published
+    # --init-adapter file's own key layout; our format otherwise), "ours" = our self-describing format.
+    export_format: str = "source"
 
 
 @dataclass
@@ -141,6 +149,8 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     arch: ArchConfig = field(default_factory=ArchConfig)
+    ella: EllaSizes = field(default_factory=EllaSizes)  # --arch ella only
+    rouwei: RouWeiSizes = field(default_factory=RouWeiSizes)  # --arch rouwei-gemma only
     template: TemplateConfig = field(default_factory=TemplateConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
@@ -173,6 +183,26 @@ class TrainConfig:
         if self.distill.cosine_weight < 0 or self.distill.pooled_weight < 0:
             raise TrainConfigError(f"distill.cosine_weight and distill.pooled_weight must be >= 0, got "
                                    f"{self.distill.cosine_weight} and {self.distill.pooled_weight}")
+        if self.model.arch not in ("ours", *ARCHS):
+            raise TrainConfigError(f"model.arch (--arch) must be one of ours, {', '.join(ARCHS)}; got {self.model.arch!r}")
+        if self.model.export_format not in ("source", "ours"):
+            raise TrainConfigError(f"model.export_format (--export-format) must be source or ours, got {self.model.export_format!r}")
+        if self.model.arch != "ours":
+            clash = [what for what, on in (("--init-adapter", bool(self.model.init_adapter)),
+                                           ("--concat-clip", self.model.concat_clip),
+                                           ("data.cache_llm_states", self.data.cache_llm_states)) if on]
+            if clash:
+                raise TrainConfigError(
+                    f"--arch {self.model.arch} starts a fresh module and cannot be combined with {', '.join(clash)}: "
+                    "--init-adapter continues a file in its own architecture (leave --arch out), an ELLA / RouWei "
+                    "module was never trained with CLIP tokens beside it, and its text side is not what the LLM-state "
+                    "cache holds")
+        if self.model.arch != "ours" and self.stage == "distill":
+            raise TrainConfigError(
+                f"--arch {self.model.arch} with the distill stage: distillation regresses the adapter's context slot by "
+                "slot onto the base's own 77-token text-encoder context, and ELLA (64 latents) and RouWei (4 x 77 "
+                "tokens) have no slot that corresponds to a CLIP token; train them with an image preset "
+                "(e.g. --preset dynamic-kl)")
         if self.model.attention_backend not in ("sdpa", "xformers"):
             raise TrainConfigError(f"model.attention_backend must be sdpa or xformers, got {self.model.attention_backend!r}")
         self.arch.validate()
@@ -297,6 +327,10 @@ NAMED_FLAGS: dict[str, tuple[str, type, str]] = {
                        "RouWei-T5Gemma / ELLA file (exported again in its own key layout)"),
     "--checkpoint-every": ("checkpoint_every", int, "checkpoint every N steps"),
     "--mixed-precision": ("mixed_precision", str, "no | fp16 | bf16"),
+    "--arch": ("model.arch", str, "architecture of a fresh adapter: ours (default), ella or rouwei-gemma (sized by "
+               "[ella] / [rouwei]; docs/training_public_adapters.md)"),
+    "--export-format": ("model.export_format", str, "source (default: a published --init-adapter file's own key "
+                        "layout, else ours) or ours (our self-describing format, which records the text side)"),
     "--base-model-config": ("model.base_model_config", str,
                             "single-file --base-model only: a diffusers folder of the same family, or an inference YAML"),
 }

@@ -208,9 +208,9 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
     # 1. Models: the base model is loaded for its text encoders (the teacher) and to check the adapter fits it.
     device, weight_dtype, out_dir, resume_from, base, llm, adapter = setup_run(cfg, rank, local_rank)
     if is_foreign(adapter.config):  # their text sides run through the image stage only (conditioning.encode_for)
-        raise TrainConfigError(f"--init-adapter {Path(cfg.model.init_adapter).name} is a published {adapter.config.preset} "
-                               "adapter: the distill stage trains this pack's own adapters; fine-tune it with an image "
-                               "preset instead (e.g. --preset dynamic-kl)")
+        raise TrainConfigError(f"--init-adapter {Path(cfg.model.init_adapter).name} is a {adapter.config.preset} "
+                               f"({adapter.config.kind}) adapter: the distill stage trains this pack's own adapters; fine-tune "
+                               "it with an image preset instead (e.g. --preset dynamic-kl)")
     template = adapter.config.template
 
     # 2. Captions and the caches (each process its share, no communication yet).

@@ -61,7 +61,8 @@ from adapter import (
 )
 from adapter.file_format import read_header
 from adapter.foreign import is_foreign, load_any_adapter, save_foreign_adapter
-from adapter.foreign.text import check_pairing
+from adapter.foreign.scratch import OURS_LAYOUT, fresh_module, to_adapter_config
+from adapter.foreign.text import check_pairing, node_text_side
 from training import checkpoint as ckpt
 from training.conditioning import adapter_context, adapter_context_at, encode_for
 from training.config import (DEFAULT_PRESET, TrainConfig, TrainConfigError, format_config, missing_inputs, resolve_config,
@@ -293,6 +294,11 @@ def build_adapter(cfg: TrainConfig, llm, base: BaseModel) -> nn.Module:
     else:
         target = make_target(base.family, num_tokens=cfg.model.num_tokens, context_dim=base.context_dim,
                              pooled_dim=base.pooled_dim)
+        if cfg.model.arch != "ours":  # a fresh ELLA / RouWei module, kept in our format with its text side
+            sizes = cfg.ella if cfg.model.arch == "ella" else cfg.rouwei
+            adapter = fresh_module(cfg.model.arch, sizes, llm, target, record_chat_template(cfg.template, llm.tokenizer))
+            log.info("fresh %s: %s", cfg.model.arch, adapter.config.describe())
+            return adapter.float().train()
         # The chat template is recorded, so every path (ComfyUI's single files too) renders the same tokens.
         config = AdapterConfig(llm=llm.info, target=target, template=record_chat_template(cfg.template, llm.tokenizer),
                                arch=dataclasses.replace(cfg.arch), concat_clip=cfg.model.concat_clip)
@@ -659,6 +665,8 @@ def restore_checkpoint(resume_from: Optional[Path], trainable: dict, ema: Option
 
 def adapter_config_dict(config) -> dict:
     """The adapter's config for a checkpoint's state.json (a published adapter: its layout and sizes)."""
+    if is_foreign(config) and config.layout == OURS_LAYOUT:  # rebuilt by adapter.file_format.build_module
+        return to_adapter_config(config).to_dict()
     if is_foreign(config):
         return {"published": config.preset, "kind": config.kind, "layout": config.layout, "arch": config.arch.to_dict()}
     return config.to_dict()
@@ -711,7 +719,12 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
         "config_file": (started_from or {}).get("config_file", ""),
         "resolved_config": shareable_dict(cfg),
     }
-    if is_foreign(adapter.config):  # the key layout it came in, so the original packs and ours both load it
+    if is_foreign(adapter.config) and (cfg.model.export_format == "ours" or adapter.config.layout == OURS_LAYOUT):
+        # our format, which records the text model and text side it was trained with
+        llm = raw.frozen[1]
+        trained = dataclasses.replace(adapter.config, text=node_text_side(adapter.config, llm))  # the side encode_for ran
+        path = save_adapter(out_dir / "adapter.safetensors", adapter, to_adapter_config(trained, llm.info, training))
+    elif is_foreign(adapter.config):  # the key layout it came in, so the original packs and ours both load it
         path = save_foreign_adapter(out_dir / "adapter.safetensors", adapter, training, getattr(adapter, "file_dtype", None))
     else:
         config = dataclasses.replace(adapter.config, training=training)

@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
-from ..config import TARGETS, TargetSpec
+from ..config import TARGETS, LLMInfo, TargetSpec
 from ..errors import AdapterFileError
 from .ella import EllaAdapter, EllaConfig
 from .rouwei import RouWeiAdapter, RouWeiConfig
@@ -53,6 +53,9 @@ class ForeignConfig:
     arch: object  # RouWeiConfig | EllaConfig
     timestep_aware: bool = False
     concat_clip: bool = False  # never trained with CLIP tokens beside its own
+    # The text model it was trained with, when its file records it (our file format: adapter/foreign/scratch.py);
+    # the published files do not, and pair with any text model of the right kind and width.
+    llm: Optional[LLMInfo] = None
 
     def describe(self) -> str:
         dims = ", ".join(f"{k} {v}" for k, v in self.arch.to_dict().items())

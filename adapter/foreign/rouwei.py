@@ -39,7 +39,7 @@ class RouWeiConfig:
 
     llm_dim: int = 1152
     sdxl_seq_dim: int = 2048
-    sdxl_pooled_dim: int = 1280
+    sdxl_pooled_dim: int = 1280  # 0 = no pooled head (a from-scratch module for a base without one)
     max_input_len: int = 512
     target_seq_len: int = 308
     n_wide_blocks: int = 2
@@ -98,11 +98,13 @@ class RouWeiAdapter(nn.Module):
         self.compression_gate = nn.Sequential(nn.Linear(dim * 2, dim), nn.Sigmoid())
         self.compression_norm = nn.LayerNorm(dim)
         self.narrow_attention_blocks = nn.ModuleList(RouWeiBlock(dim, heads, config.mlp_ratio) for _ in range(config.n_narrow_blocks))
-        self.pooling_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.pooling_q_proj, self.pooling_k_proj, self.pooling_v_proj, self.pooling_out_proj = (nn.Linear(dim, dim) for _ in range(4))
-        # Indices 0, 1, 4 as in the published files (Linear, LayerNorm, GELU, dropout slot, Linear).
-        self.pooled_projection = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU(), nn.Identity(),
-                                               nn.Linear(dim, config.sdxl_pooled_dim))
+        if config.sdxl_pooled_dim:  # 0: a module trained from scratch for a base without a pooled vector (SD1.5)
+            self.pooling_token = nn.Parameter(torch.zeros(1, 1, dim))
+            self.pooling_q_proj, self.pooling_k_proj, self.pooling_v_proj, self.pooling_out_proj = (
+                nn.Linear(dim, dim) for _ in range(4))
+            # Indices 0, 1, 4 as in the published files (Linear, LayerNorm, GELU, dropout slot, Linear).
+            self.pooled_projection = nn.Sequential(nn.Linear(dim, dim), nn.LayerNorm(dim), nn.GELU(), nn.Identity(),
+                                                   nn.Linear(dim, config.sdxl_pooled_dim))
 
     def _fit_input(self, states: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Pad (zeros, masked out) or cut the token axis to max_input_len; no mask = every given token is real."""
@@ -139,6 +141,8 @@ class RouWeiAdapter(nn.Module):
         for block in self.narrow_attention_blocks:
             context = block(context, None)
 
+        if not self.rouwei.sdxl_pooled_dim:
+            return EncodedStates(context, (), None)
         token = self.pooling_token.expand(context.shape[0], -1, -1)
         pooled = _attend(token, context, self.pooling_q_proj, self.pooling_k_proj, self.pooling_v_proj,
                          self.pooling_out_proj, self.rouwei.num_heads, None)

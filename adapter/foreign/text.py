@@ -13,6 +13,10 @@
   mask given to the encoder and to the adapter.
 - ELLA: a T5 ENCODER's `last_hidden_state` (Flan-T5-XL), 128 tokens padded (the reference's
   default), or unpadded ("flexible") for short prompts; the adapter attends to every position.
+- "template": a module of these architectures trained from scratch on a decoder LLM (`--arch`), or
+  kept in our file format: the prompt through the prompt template recorded in its file (ours:
+  adapter/template.py, the same tokens our own adapters read), the final-norm last hidden state of
+  every token of that sequence, with the padding mask.
 
 Encoders load from a local Hugging Face folder (config.json with model_type t5 / umt5 / t5gemma,
 safetensors weights, tokenizer files), offline.
@@ -37,7 +41,7 @@ ROUWEI_SYSTEM_PROMPT = ("You are expert in understanding of user prompts for ima
                         "Create an image according to the prompt from user.")
 ENCODER_MODEL_TYPES = {"t5": "T5EncoderModel", "umt5": "UMT5EncoderModel", "mt5": "MT5EncoderModel",
                        "t5gemma": "T5GemmaEncoderModel"}
-TEXT_ENCODERS = ("gemma_chat", "t5gemma", "t5", "any")
+TEXT_ENCODERS = ("gemma_chat", "t5gemma", "t5", "any", "template")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,7 @@ class TextSide:
     """What an adapter needs from the text model (the reference settings; the node's advanced inputs override some)."""
 
     encoder: str  # "gemma_chat" (decoder LLM + chat template) | "t5gemma" | "t5" (encoders) | "any": whichever is connected
+    # | "template": decoder LLM through `template` (our prompt template)
     max_length: int  # tokens the adapter reads (RouWei pads/cuts to it; T5 sides pad to it unless flexible)
     skip_first: int = 0  # gemma_chat: leading tokens dropped
     system_prompt: str = ""  # gemma_chat: the system turn
@@ -53,8 +58,13 @@ class TextSide:
     # Encoders: whether the adapter gets the padding mask (RouWei-T5Gemma) or reads every position it is given,
     # the encoder's padding included (ELLA, whose reference passes no mask).
     mask_adapter: bool = True
+    # "template" only: the TemplateConfig as JSON (a string keeps the side hashable: it is part of the encode cache key)
+    template: str = ""
 
     def describe(self) -> str:
+        if self.encoder == "template":
+            return (f"decoder LLM through the recorded prompt template, final-norm last hidden state, "
+                    f"up to {self.max_length} prompt tokens")
         if self.encoder in ("gemma_chat", "any"):
             return (f"{'decoder LLM' if self.encoder == 'any' else 'Gemma'} chat template, final-norm last hidden state, "
                     f"skip_first {self.skip_first}, up to {self.max_length} tokens")
@@ -94,6 +104,23 @@ class LoadedEncoder:
 
     def last_hidden_state(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+
+def template_side(template) -> TextSide:
+    """The "template" text side for an adapter.TemplateConfig (a decoder LLM's states through our prompt template)."""
+    import dataclasses
+    import json
+
+    return TextSide("template", template.max_tokens, template=json.dumps(dataclasses.asdict(template), sort_keys=True))
+
+
+def side_template(side: TextSide):
+    """The adapter.TemplateConfig a "template" side holds."""
+    import json
+
+    from ..config import TemplateConfig
+
+    return TemplateConfig(**json.loads(side.template))
 
 
 def is_encoder(llm) -> bool:
@@ -151,11 +178,12 @@ def is_encoder_folder(path) -> bool:
 def check_text_side(side: TextSide, llm, adapter_name: str) -> None:
     """AdapterMismatchError naming both sides when the LLM cannot produce what the adapter reads."""
     have = encoder_kind(llm)
-    if side.encoder == "any":
+    if side.encoder == "any" or (side.encoder == "template" and have == "gemma_chat"):
         return
     if side.encoder == have:
         return
     wants = {"gemma_chat": "a decoder LLM (Gemma-3-1B-it) loaded from its folder",
+             "template": "the decoder LLM it was trained with, loaded from its folder",
              "t5gemma": "a T5Gemma encoder folder", "t5": "a T5 encoder folder (Flan-T5-XL)"}[side.encoder]
     has = {"gemma_chat": f"the decoder LLM {llm.info.name!r} ({llm.info.model_type})",
            "t5gemma": f"the T5Gemma encoder {llm.info.name!r}", "t5": f"the T5 encoder {llm.info.name!r} ({llm.info.model_type})"}[have]
@@ -175,7 +203,22 @@ def encode_text(llm, side: TextSide, prompts: list[str]) -> TextStates:
     """The states the adapter reads for `prompts` (one forward of the text model)."""
     if is_encoder(llm):
         return _encoder_states(llm, side, prompts)
+    if side.encoder == "template":
+        return _template_states(llm, side, prompts)
     return _gemma_chat_states(llm, side, prompts)
+
+
+def _template_states(llm, side: TextSide, prompts: list[str]) -> TextStates:
+    """Our prompt template's tokens (adapter.template.tokenize_prompts, right-padded, with its truncation), then
+    the decoder's final-norm last hidden state: what RouWei reads from Gemma, through our template."""
+    from ..llm import text_decoder
+    from ..template import tokenize_prompts
+
+    tokens = tokenize_prompts(llm.tokenizer, side_template(side), prompts)
+    ids, mask = tokens.input_ids.to(llm.device), tokens.attention_mask.to(llm.device)
+    states = text_decoder(llm.model)(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state.float()
+    kept = [info.prompt_tokens - info.truncated_tokens for info in tokens.infos]
+    return TextStates(states, mask.long(), kept, [info.truncated_tokens for info in tokens.infos], 0)
 
 
 def _encoder_states(llm: LoadedEncoder, side: TextSide, prompts: list[str]) -> TextStates:
@@ -241,13 +284,18 @@ def check_pairing(config, llm, adapter_name: str, llm_name: str = "") -> None:
     """Any adapter (ours or a published one) against the loaded text model; AdapterMismatchError naming both.
 
     Ours read every layer of the decoder LLM they were trained with (file_format.check_llm_matches);
-    a published adapter needs its kind of text model (check_text_side) of the right width.
+    a published adapter needs its kind of text model (check_text_side) of the right width, and, when its file
+    records the text model it was trained with (our format), that very model.
     """
     from .layouts import ForeignConfig
 
     if isinstance(config, ForeignConfig):
         check_text_side(config.text, llm, adapter_name)
         check_width(config.arch.llm_dim if config.kind == "rouwei" else config.arch.input_dim, llm, adapter_name)
+        if config.llm is not None:
+            from ..file_format import check_llm_matches
+
+            check_llm_matches(config, llm.info, llm.tokenizer)
         return
     if is_encoder(llm):
         raise AdapterMismatchError(
@@ -272,6 +320,8 @@ def node_text_side(config, llm, system_prompt: str = "", skip_first: int = -1, t
     if t5_padding not in ("max_length", "flexible"):
         raise ValueError(f"t5_padding must be max_length or flexible, got {t5_padding!r}")
     side = config.text
+    if side.encoder == "template":  # the recorded template governs; the node's Gemma / T5 settings do not apply
+        return side
     if side.encoder == "any" and is_encoder(llm):  # a custom-size RouWei file: the T5Gemma recipe for an encoder
         side = replace(ROUWEI_T5GEMMA_TEXT, max_length=side.max_length)
     elif side.encoder == "any":

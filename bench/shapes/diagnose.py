@@ -34,8 +34,9 @@ STATS_TIMESTEP = 500
 def load_any_adapter(path: Path, llm):
     """An adapter from an exported file, a run folder or a training checkpoint folder, checked against `llm`.
     Anything else, or an adapter made for another LLM, exits with the reason."""
-    from adapter import check_llm_matches, load_adapter
+    from adapter import load_adapter
     from adapter.errors import AdapterError
+    from adapter.foreign.text import check_pairing
     from training.checkpoint import CheckpointError, load_checkpoint_adapter
 
     if path.is_dir() and (path / "adapter.safetensors").is_file():
@@ -44,7 +45,7 @@ def load_any_adapter(path: Path, llm):
         raise SystemExit(f"error: {path} does not exist")
     try:
         adapter = load_adapter(path).float().eval() if path.is_file() else load_checkpoint_adapter(path)
-        check_llm_matches(adapter.config, llm.info, llm.tokenizer)
+        check_pairing(adapter.config, llm, path.name)  # ours, or an ELLA / RouWei module with its recorded text side
     except (AdapterError, CheckpointError) as error:
         raise SystemExit(f"error: {path} is neither an adapter .safetensors file, a run folder holding one, nor a "
                          f"training checkpoint folder (<run>/checkpoints/step-N) for this LM: {error}") from error

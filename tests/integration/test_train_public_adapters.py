@@ -1,6 +1,8 @@
 """The trainer fine-tunes published adapters (ELLA, RouWei) from files in their own key layouts: a few steps on
 the tiny SD1.5 / SDXL pipelines with a tiny T5 / Gemma 3, a bit-identical resume, an export in the layout the
 file came in (with our provenance), and that export loaded by the layout recognition and by LLMDiffLoadAdapter.
+It also starts those architectures from scratch (--arch) on a decoder LLM, and writes either kind in our own
+format (--export-format ours), which records the text side the node then runs.
 """
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from adapter import load_llm
-from adapter.foreign import EllaConfig, RouWeiConfig, TRAINING_METADATA_KEY, load_foreign_adapter
+from adapter.file_format import FORMAT
+from adapter.foreign import EllaConfig, RouWeiConfig, TRAINING_METADATA_KEY, load_any_adapter, load_foreign_adapter
 from devkit.comfy_pack import node_classes
 from devkit.foreign_files import write_random_ella, write_random_rouwei
 from devkit.tiny_encoders import make_tiny_t5
@@ -45,6 +48,26 @@ CASES = {
 def shapes_and_dtypes(path) -> dict:
     with safe_open(str(path), framework="pt") as f:
         return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+
+
+def node_conditioning_matches_the_trainer(comfy_models, exported, text_model, trained, name):
+    """Load `exported` with LLMDiffLoadAdapter and `text_model` with LLMDiffLoadLLM; the node's conditioning of a
+    prompt and of the empty prompt (which caption dropout trains) is the trainer's encode_for + adapter_context on
+    `trained` (ELLA: at the node's fixed timestep, which `timesteps=None` decodes at). Returns (handle, info)."""
+    llm_dir, adapter_dir = comfy_models
+    shutil.copy(exported, adapter_dir / name)
+    handle, info = node_classes()["LLMDiffLoadAdapter"].execute(name).args
+    (llm_dir / "text-model").symlink_to(text_model)
+    llm = node_classes()["LLMDiffLoadLLM"].execute("text-model", "auto").args[0]
+    library_llm = load_llm(text_model)
+    for prompt in ("a red square, picture number 1", ""):
+        [[context, extras]], _ = node_classes()["LLMDiffTextEncode"].execute(llm, handle, prompt).args
+        with torch.no_grad():
+            expected, pooled = adapter_context(trained, encode_for(trained, library_llm, None, [prompt]), None)
+        torch.testing.assert_close(context, expected, rtol=1e-5, atol=1e-5)
+        if pooled is not None:
+            torch.testing.assert_close(extras["pooled_output"], pooled, rtol=1e-5, atol=1e-5)
+    return handle, info
 
 
 @pytest.mark.parametrize("name", list(CASES))
@@ -92,34 +115,18 @@ def test_fine_tune_resume_and_export_in_the_original_layout(name, tmp_path, comf
     trained = load_foreign_adapter(exported)
     assert trained.config.layout == layout and trained.config.arch == source.config.arch
 
-    # ... and so does our loader node, with exactly the exported weights.
-    _, adapter_dir = comfy_models
-    shutil.copy(exported, adapter_dir / f"{name}-trained.safetensors")
-    handle = node_classes()["LLMDiffLoadAdapter"].execute(f"{name}-trained.safetensors").args[0]
+    # ... and so does our loader node, with exactly the exported weights; what was trained is what is sampled.
+    handle, _ = node_conditioning_matches_the_trainer(comfy_models, exported, text_model(), trained,
+                                                      f"{name}-trained.safetensors")
     assert handle.module.config.layout == layout
     node_weights, file_weights = handle.module.state_dict(), trained.state_dict()
     assert node_weights.keys() == file_weights.keys()
     assert all(torch.equal(node_weights[k].float(), file_weights[k].float()) for k in file_weights)
-
-    # What was trained is what is sampled: the node's conditioning (prompt, and the empty prompt caption dropout
-    # trains) is the trainer's own encode_for + adapter_context (ELLA: at the node's fixed timestep, which is what
-    # `timesteps=None` decodes at).
-    llm_dir, _ = comfy_models
-    (llm_dir / "text-model").symlink_to(text_model())
-    llm = node_classes()["LLMDiffLoadLLM"].execute("text-model", "auto").args[0]
-    library_llm = load_llm(text_model())
-    for prompt in ("a red square, picture number 1", ""):
-        [[context, extras]], _ = node_classes()["LLMDiffTextEncode"].execute(llm, handle, prompt).args
-        with torch.no_grad():
-            expected, pooled = adapter_context(trained, encode_for(trained, library_llm, None, [prompt]), None)
-        torch.testing.assert_close(context, expected, rtol=1e-5, atol=1e-5)
-        if pooled is not None:
-            torch.testing.assert_close(extras["pooled_output"], pooled, rtol=1e-5, atol=1e-5)
-        assert (pooled is None) == (pipeline == "sd15")
+    assert (handle.module.config.target.pooled_dim is None) == (pipeline == "sd15")
 
     # The trainer's conditioning hands each sample's timestep to a timestep-aware adapter (ELLA), so its
     # context differs across t in one batch; RouWei's does not depend on t.
-    encoded = encode_for(trained, library_llm, None, ["a red square"] * 2)
+    encoded = encode_for(trained, load_llm(text_model()), None, ["a red square"] * 2)
     with torch.no_grad():
         context, _ = adapter_context(trained, encoded, None, torch.tensor([900, 50]))
     assert (not torch.allclose(context[0], context[1])) == (name == "ella")
@@ -155,3 +162,88 @@ def test_llm_state_cache_is_refused_for_a_published_file(tmp_path):
                                    "--set", "data.cache_llm_states=true"))
     assert proc.returncode == 1, proc.output
     assert "cache_llm_states" in proc.output and "ella.safetensors" in proc.output
+
+
+# Fresh modules sized for the tiny SD1.5 pipeline (context 32) and train_command's tiny Qwen2 (64-wide states).
+SCRATCH = {
+    "ella": ("--arch", "ella", "--set", "ella.layers=1", "--set", "ella.heads=4", "--set", "ella.num_latents=8",
+             "--set", "ella.time_channel=32"),
+    "rouwei-gemma": ("--arch", "rouwei-gemma", "--set", "rouwei.n_wide_blocks=1", "--set", "rouwei.n_narrow_blocks=1",
+                     "--set", "rouwei.num_heads=4", "--set", "rouwei.target_seq_len=10", "--set", "rouwei.max_input_len=48"),
+}
+
+
+@pytest.mark.parametrize("arch", list(SCRATCH))
+def test_fresh_module_trains_resumes_exports_our_format_and_runs_in_the_node(arch, tmp_path, comfy_models):  # noqa: F811
+    from training.checkpoint import load_checkpoint_adapter
+
+    data = tiny_dataset(tmp_path / "data", count=4)
+
+    def command(out, *extra):
+        return train_command("sd15", data, tmp_path / out, 3, *SCRATCH[arch], "--checkpoint-every", "1",
+                             "--set", f"data.latent_cache_dir={tmp_path / 'latents'}", *extra)
+
+    whole = run_train(command("whole"))
+    assert whole.returncode == 0, whole.output
+    assert f"fresh {arch}" in whole.output
+    part = run_train(command("split", "--set", "debug.stop_after_step=1"))
+    assert part.returncode == 3, part.output
+    rest = run_train(command("split", "--resume", "latest"))
+    assert rest.returncode == 0 and "resuming from" in rest.output, rest.output
+    exported = tmp_path / "whole/adapter.safetensors"
+    a, b = load_file(str(exported)), load_file(str(tmp_path / "split/adapter.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    # Our format, recording the architecture, its sizes, the text model and the template it read.
+    with safe_open(str(exported), framework="pt") as f:
+        metadata = f.metadata()
+    config = json.loads(metadata["config"])
+    assert metadata["format"] == FORMAT and config["architecture"]["kind"] == ("ella" if arch == "ella" else "rouwei")
+    assert config["architecture"]["text"]["encoder"] == "template" and config["template"]["max_tokens"] == 32
+    assert config["llm"]["hidden_size"] == 64 and config["training"]["steps"] == 3
+    trained = load_any_adapter(exported)
+    assert trained.config.layout == "ours" and trained.config.target.context_dim == 32
+    # The checkpoint's EMA weights (what bench/shapes/diagnose.py reads) are the exported ones.
+    from_checkpoint = load_checkpoint_adapter(tmp_path / "whole/checkpoints/step-00000003").state_dict()
+    assert from_checkpoint.keys() == a.keys() and all(torch.equal(from_checkpoint[k], a[k]) for k in a)
+
+    _, info = node_conditioning_matches_the_trainer(comfy_models, exported, make_tiny_llm(), trained, f"{arch}.safetensors")
+    assert "trained by us" in info
+
+    # Fine-tuned again from its own file, it stays in our format with the same text side.
+    again = run_train(train_command("sd15", data, tmp_path / "again", 1, "--init-adapter", str(exported),
+                                    "--set", f"data.latent_cache_dir={tmp_path / 'latents'}"))
+    assert again.returncode == 0, again.output
+    assert load_any_adapter(tmp_path / "again/adapter.safetensors").config == trained.config
+
+
+@pytest.mark.parametrize("name", ["ella", "rouwei-fused"])
+def test_export_format_ours_writes_a_published_module_with_its_text_side(name, tmp_path, comfy_models):  # noqa: F811
+    pipeline, text_model, write, layout, _ = CASES[name]
+    original = write(tmp_path / f"{name}.safetensors")
+    proc = run_train(train_command(pipeline, tiny_dataset(tmp_path / "data", count=2), tmp_path / "out", 2,
+                                   "--init-adapter", str(original), "--llm", str(text_model()), "--export-format", "ours"))
+    assert proc.returncode == 0, proc.output
+    exported = tmp_path / "out/adapter.safetensors"
+    with safe_open(str(exported), framework="pt") as f:
+        metadata = f.metadata()
+    architecture = json.loads(metadata["config"])["architecture"]
+    assert metadata["format"] == FORMAT
+    # the node's default text side, exactly as trained: T5 states padded to 128, or Gemma's chat with skip_first 27
+    assert (architecture["text"]["encoder"], architecture["text"]["skip_first"]) == (
+        ("t5", 0) if name == "ella" else ("gemma_chat", 27))
+    trained = load_any_adapter(exported)
+    assert trained.config.layout == "ours" and trained.config.arch == load_foreign_adapter(original).config.arch
+    node_conditioning_matches_the_trainer(comfy_models, exported, text_model(), trained, f"{name}-ours.safetensors")
+
+
+@pytest.mark.parametrize("pipeline, flags, code, words", [
+    ("sd15", ("--arch", "perceiver"), 2, "--arch) must be one of ours, ella, rouwei-gemma"),
+    ("sd15", ("--arch", "ella", "--set", "ella.heads=5"), 1, "ella.heads = 5 does not divide the module's width 32"),
+    ("sdxl", ("--arch", "ella"), 1, "--arch ella makes no pooled vector"),
+])
+def test_bad_architecture_settings_are_refused(pipeline, flags, code, words, tmp_path):
+    proc = run_train(train_command(pipeline, tiny_dataset(tmp_path / "data", count=2), tmp_path / "out", 1, *flags))
+    assert proc.returncode == code, proc.output
+    assert words in proc.output
+    assert not (tmp_path / "out/adapter.safetensors").exists()

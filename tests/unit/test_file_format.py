@@ -332,3 +332,40 @@ def test_check_context_dim():
     with pytest.raises(AdapterMismatchError, match="makes no pooled vector but the MODEL needs a 1280-wide one: .*sdxl"):
         check_context_dim(AdapterConfig(llm=LLM, target=make_target("custom", context_dim=2048)), 2048, 1280, "the MODEL")
     check_context_dim(make_config("sd15"), 768, None, "the connected CLIP")
+
+
+# --------------------------------------------------------------------------- the optional `architecture` field
+
+OLD_FILE = __import__("pathlib").Path(__file__).parent / "data" / "static_adapter_v1.safetensors"
+
+
+def test_a_file_written_before_the_architecture_field_loads_unchanged(tmp_path):
+    """The committed file predates `architecture`: it loads as our own adapter, and saving it again writes the same
+    top-level config keys (no `architecture`), so files of ours stay readable by packs that never knew the field
+    (the sections gain only the defaults of keys added since, as before)."""
+    with safe_open(str(OLD_FILE), "pt") as f:
+        stored = json.loads(f.metadata()["config"])
+    assert "architecture" not in stored and "arch" in stored
+    adapter = load_adapter(OLD_FILE)
+    assert isinstance(adapter, LLMDiffAdapter) and adapter.config.architecture is None
+    again = save_adapter(tmp_path / "again.safetensors", adapter)
+    with safe_open(str(again), "pt") as f:
+        written = json.loads(f.metadata()["config"])
+    assert written.keys() == stored.keys()
+    for section, values in stored.items():
+        assert written[section] == values if not isinstance(values, dict) else values.items() <= written[section].items()
+
+
+def test_a_bad_architecture_field_is_named(saved, tmp_path):
+    _, path = saved
+    data = json.loads(read_metadata(path)["config"])
+    for bad, words in (({"kind": "unet", "sizes": {}, "text": {}}, "kind ella or rouwei"),
+                       ({"kind": "ella", "sizes": {"wings": 2}, "text": {"encoder": "template", "max_length": 8}}, "wings")):
+        broken = rewrite_metadata(path, tmp_path / "bad.safetensors", config=json.dumps({**data, "architecture": bad}))
+        with pytest.raises(AdapterFileError, match=words):
+            load_adapter(broken)
+
+
+def read_metadata(path):
+    with safe_open(str(path), "pt") as f:
+        return dict(f.metadata())

@@ -183,3 +183,33 @@ def test_ella_with_clip_concat_and_strengths_through_apply(comfy, nodes, unet, t
         t = call["timesteps"][0]
         torch.testing.assert_close(row[:64], ella_reference(t5, ella, "a red cube", t, 0.5)[0], **BATCH_TOL)
         assert torch.equal(row[64:], torch.full((77, 768), 1.0))
+
+
+@pytest.mark.parametrize("arch", ["ella", "rouwei-gemma"])
+def test_a_module_trained_from_scratch_runs_with_its_recorded_text_side(nodes, qwen, gemma, arch):  # noqa: F811
+    """An ELLA / RouWei module in our format (training.train --arch) reads the decoder LLM it records through its
+    recorded prompt template: the node's conditioning is that text side + the module, and another LLM is named."""
+    import folder_paths
+
+    lib = pack_module("adapter")
+    scratch = pack_module("adapter.foreign.scratch")
+    text_lib = pack_module("adapter.foreign.text")
+    template = lib.record_chat_template(lib.TemplateConfig(max_tokens=24), qwen.loaded.tokenizer)
+    sizes = (scratch.EllaSizes(layers=1, heads=4, num_latents=8) if arch == "ella"
+             else scratch.RouWeiSizes(n_wide_blocks=1, n_narrow_blocks=1, num_heads=4, target_seq_len=12, max_input_len=32))
+    torch.manual_seed(0)
+    module = scratch.fresh_module(arch, sizes, qwen.loaded, lib.make_target("sd15"), template)
+    name = f"scratch-{arch}.safetensors"
+    adapter_dir = Path(folder_paths.get_folder_paths("llm_adapters")[0])
+    lib.save_adapter(adapter_dir / name, module, scratch.to_adapter_config(module.config))
+    adapter, info = load(nodes, name)
+    assert "trained by us" in info and "layout ours" in info and "recorded prompt template" in info
+    cond, info = encode(nodes, qwen, adapter, "a red cube", skip_first=3)
+    with torch.no_grad():
+        states = text_lib.encode_text(qwen.loaded, text_lib.template_side(template), ["a red cube"])
+        expected = adapter.module(states.states, states.mask, 500.0).context
+    torch.testing.assert_close(cond[0][0], expected, atol=ATOL, rtol=0)
+    assert cond[0][0].shape == (1, 8 if arch == "ella" else 12, 768)
+    assert "skip_first are for RouWei-Gemma adapters and were ignored" in info
+    with pytest.raises(pack_module("adapter.errors").AdapterMismatchError, match="built for"):
+        encode(nodes, gemma, adapter, "a red cube")

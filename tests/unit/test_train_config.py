@@ -117,3 +117,31 @@ def test_the_stored_config_given_back_as_set_flags_is_the_same_config():
     argv = [arg for key, value in leaves(cfg.to_dict()) for arg in ("--set", f"{key}={json.dumps(value)}")]
     rebuilt, _ = resolve_config(argv)
     assert rebuilt == cfg and rebuilt != TrainConfig()
+
+
+def test_arch_flag_picks_the_architecture_and_leaves_the_arch_section_alone(tmp_path):
+    """--arch sets model.arch; [arch] (our adapter's sizes, written into its files) keeps every key and meaning,
+    and the ELLA / RouWei sizes have sections of their own."""
+    cfg, _ = resolve_config(["--arch", "ella", "--set", "arch.width=96", "--set", "ella.layers=3",
+                             "--set", "rouwei.target_seq_len=154"])
+    assert (cfg.model.arch, cfg.arch.width, cfg.ella.layers, cfg.rouwei.target_seq_len) == ("ella", 96, 3, 154)
+    assert "kind" not in cfg.to_dict()["arch"]
+    cfg, _ = resolve_config(["--config", write(tmp_path, '[model]\narch = "rouwei-gemma"\nexport_format = "ours"\n')])
+    assert (cfg.model.arch, cfg.model.export_format) == ("rouwei-gemma", "ours")
+    cfg, _ = resolve_config([])
+    assert (cfg.model.arch, cfg.model.export_format) == ("ours", "source")
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--arch", "perceiver"], "model.arch (--arch) must be one of ours, ella, rouwei-gemma; got 'perceiver'"),
+    (["--export-format", "diffusers"], "model.export_format (--export-format) must be source or ours"),
+    (["--arch", "ella", "--init-adapter", "x.safetensors"], "cannot be combined with --init-adapter"),
+    (["--arch", "rouwei-gemma", "--concat-clip"], "cannot be combined with --concat-clip"),
+    (["--arch", "ella", "--set", "data.cache_llm_states=true"], "cannot be combined with data.cache_llm_states"),
+    (["--set", "ella.wings=2"], "unknown config key 'ella.wings'"),
+    (["--arch", "ella", "--preset", "distill"], "no slot that corresponds to a CLIP token"),
+])
+def test_bad_arch_settings_are_refused(argv, needle):
+    with pytest.raises(TrainConfigError) as err:
+        resolve_config(argv)
+    assert needle in str(err.value)

@@ -1,0 +1,135 @@
+"""Architectures on equal terms: ours, an ELLA-style Perceiver and a RouWei-style module on the shapes benchmark.
+
+    python -m bench.shapes.arch_arms [--out outputs/arch-arms] [--arms ours ella rouwei] [--seed 0] [--steps 600]
+
+Each arm is the trainer's own command line (bench/shapes/pipeline.py's train_command: `--preset dynamic-kl
+--config bench/shapes/adapter.toml`, the same data, seed, steps, batch, optimiser and loss), differing only
+in `--arch` and that architecture's sizes, scaled to the tiny pipeline:
+
+    ours     LLMDiffAdapter as the study trains it ([arch] of adapter.toml: width 128, 2 refiner + 2 resampler blocks)
+    ella     --arch ella: timestep-aware Perceiver, 6 blocks and 64 latents as published, 4 heads, width 64
+    rouwei   --arch rouwei-gemma: 2 wide + 3 narrow blocks and 308 = 4 x 77 outputs as published, 4 heads,
+             width 64, inputs padded / cut to 32 tokens (the longest shapes prompt is 14 with the template),
+             its learned tokens drawn at std 0.02
+    rouwei-unit  the same at std 1 (the trainer's default)
+
+Neither ELLA nor RouWei has an output projection, so their width is the tiny UNet's context width (64); their
+input is the tiny LM's final-norm last hidden state (128 wide) through the same prompt template as ours.
+Then the recovered gain R of every checkpoint (bench/shapes/diagnose.py, the same 256 val triplets), the
+parameter count and the trainer's s/step (timings.json). Runs resume and finished runs are reused, so the
+command can be stopped and rerun; results.md / results.json go to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+PRESET = "dynamic-kl"
+ARMS = {
+    "ours": (),
+    "ella": ("--arch", "ella", "--set", "ella.heads=4"),
+    # its learned tokens (queries, positions) drawn at the usual std 0.02: what was measured first
+    "rouwei": ("--arch", "rouwei-gemma", "--set", "rouwei.num_heads=4", "--set", "rouwei.max_input_len=32",
+               "--set", "rouwei.init_std=0.02"),
+    # the same at unit scale, as our adapter's queries (the trainer's default since that measurement)
+    "rouwei-unit": ("--arch", "rouwei-gemma", "--set", "rouwei.num_heads=4", "--set", "rouwei.max_input_len=32",
+                    "--set", "rouwei.init_std=1.0"),
+}
+
+
+def default_data() -> Path:
+    from devkit.cache import cache_dir
+
+    return cache_dir() / "shapes" / "train-8000"
+
+
+def run_dir(out: Path, arm: str, seed: int) -> Path:
+    return out / "runs" / f"{arm}-s{seed}"
+
+
+def train_arm(assets: Path, data: Path, out: Path, arm: str, seed: int, steps: int) -> Path:
+    from .pipeline import train_adapter
+
+    return train_adapter(assets, data, run_dir(out, arm, seed), preset=PRESET, seed=seed, max_steps=steps,
+                         extra=ARMS[arm], quiet=True)
+
+
+def measure(assets: Path, out: Path, arms: list[str], seed: int) -> dict:
+    """R per checkpoint (diagnose), parameters and s/step per arm."""
+    from . import diagnose
+    from training.checkpoint import load_checkpoint_adapter
+
+    from training import checkpoint as ckpt
+
+    checkpoints = {arm: ckpt.complete_checkpoints(run_dir(out, arm, seed)) for arm in arms}
+    rows = diagnose.diagnose(assets, [p for arm in arms for p in checkpoints[arm]])
+    by_name = {row["name"]: row for row in rows}
+    results = {"seed": seed, "preset": PRESET, "teacher_eps_mse": rows[0]["eps_mse"], "empty_eps_mse": rows[1]["eps_mse"],
+               "arms": {}}
+    for arm in arms:
+        timings = json.loads((run_dir(out, arm, seed) / "timings.json").read_text(encoding="utf-8"))
+        adapter = load_checkpoint_adapter(checkpoints[arm][-1])
+        results["arms"][arm] = {
+            "flags": list(ARMS[arm]),
+            "parameters": sum(p.numel() for p in adapter.parameters()),
+            "s_per_step": timings["wall_s"] / max(1, timings["steps"]),
+            "cpu_s_per_step": sum(timings["step_cpu_times_s"]) / max(1, timings["steps"]),
+            "steps": [int(p.name.split("-")[1]) for p in checkpoints[arm]],
+            "recovered_gain": [by_name[str(p)]["recovered_gain"] for p in checkpoints[arm]],
+            "eps_mse": [by_name[str(p)]["eps_mse"] for p in checkpoints[arm]],
+            "token_std": [by_name[str(p)]["token_std"] for p in checkpoints[arm]],
+        }
+    return results
+
+
+def results_markdown(results: dict) -> str:
+    from .report import markdown_table
+
+    arms = results["arms"]
+    steps = sorted({s for a in arms.values() for s in a["steps"]})
+    cell = lambda a, s: (f"{a['recovered_gain'][a['steps'].index(s)]:.2f}" if s in a["steps"] else "-")  # noqa: E731
+    table = markdown_table(["step", *arms], [[str(s), *(cell(arms[a], s) for a in arms)] for s in steps])
+    sizes = markdown_table(["arm", "parameters", "s/step (wall)", "CPU s/step"],
+                           [[a, f"{v['parameters']:,}", f"{v['s_per_step']:.2f}", f"{v['cpu_s_per_step']:.2f}"] for a, v in arms.items()])
+    return (f"Seed {results['seed']}, preset {results['preset']}; R = (L_empty - L_arm) / (L_empty - L_teacher) on 256 val "
+            f"triplets (teacher eps-MSE {results['teacher_eps_mse']:.5f}, empty prompt {results['empty_eps_mse']:.5f}).\n\n"
+            f"{table}\n\n{sizes}\n")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m bench.shapes.arch_arms", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
+    parser.add_argument("--data", type=Path, default=None, help="train-8000 image folder (default: the cache's)")
+    parser.add_argument("--out", type=Path, default=Path("outputs/arch-arms"))
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=600, help="steps per arm (checkpoints every 100: adapter.toml)")
+    parser.add_argument("--measure-only", action="store_true", help="skip training; measure the checkpoints there are")
+    args = parser.parse_args(argv)
+    if not (args.assets / "manifest.json").is_file():
+        parser.error(f"{args.assets} holds no shapes assets (no manifest.json): run `make shapes-assets` first")
+    import torch
+
+    from .pipeline import ensure_train_data
+
+    torch.set_num_threads(1)
+    data = args.data or ensure_train_data(default_data())
+    if not args.measure_only:
+        for arm in args.arms:  # one at a time: the trainer is single-threaded here
+            train_arm(args.assets, data, args.out, arm, args.seed, args.steps)
+    results = measure(args.assets, args.out, args.arms, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
+    text = results_markdown(results)
+    (args.out / "results.md").write_text(text, encoding="utf-8")
+    print(text)
+    return results
+
+
+if __name__ == "__main__":
+    main()
