@@ -1,7 +1,7 @@
 """Linear probes for binding: does a text encoder's per-token state say which colour goes with which object?
 
     python -m bench.shapes.probe [--assets assets/shapes] [--readers lm-all lm-last base] [--toy-clip FOLDER]
-                                 [--train 2000] [--test 500] [--out outputs/shapes-probe]
+                                 [--lm FOLDER] [--offset 0] [--train 2000] [--test 500] [--out outputs/shapes-probe]
 
 For every object of a two-object caption (pair and relation scenes: "a red circle left of a blue square"),
 the probe reads the encoder's state at that object's noun token (the shape word; objects are found in the
@@ -15,6 +15,8 @@ Readers (what the adapter or the UNet gets to see):
     lm-all   the tiny LM's states of every block (embedding output included), each RMS-normalised as the
              adapter's per-layer normalisation does, concatenated: what all-layer fusion can draw on
     lm-last  the tiny LM's last block only (pre final norm): what last-layer fusion sees
+             (both read `--lm FOLDER` if given, e.g. a `python -m bench.shapes.tiny_lm` build, else the assets'
+             tiny LM; the captions are always the plain ones, as the adapter sees them)
     base     the base model's own text encoder (`last_hidden_state`, 77 tokens, no attention mask, as SD)
     toy-clip a toy CLIP text encoder folder (bench.shapes.toy_clip), read like the base's
 The shuffled control trains the same probe on permuted training labels: it must land near chance (1/6).
@@ -120,8 +122,12 @@ def binding_objects(captions: list[str], kinds: tuple[str, ...] = TWO_OBJECT_KIN
 
 
 def features(reader: Reader, tokenizer, items: list[tuple[str, list]], batch_size: int = 256,
-             start: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
-    """(states at each object's noun [n, D], colour labels [n], (colour, shape) per row)."""
+             start: int = 0, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[tuple[str, str]]]:
+    """(states at each object's noun, or `offset` tokens after it, [n, D], colour labels [n], (colour, shape) per row).
+
+    A causal encoder may bind an adjective to its noun only at a later token (the one that reads both);
+    `offset` 1 reads the token right after the noun.
+    """
     from .captions import COLOURS, SHAPES
 
     noun_id = {shape: single_token_id(tokenizer, shape) for shape in SHAPES}
@@ -133,7 +139,9 @@ def features(reader: Reader, tokenizer, items: list[tuple[str, list]], batch_siz
         for b, (_, objects) in enumerate(chunk):
             where = noun_positions(ids[b].tolist(), [noun_id[o.shape] for o in objects], start)
             for o, position in zip(objects, where):
-                rows.append(states[b, position].float())
+                if position + offset >= states.shape[1]:
+                    raise ValueError(f"offset {offset} reads past the end of {ids.shape[1]} tokens; use a smaller one")
+                rows.append(states[b, position + offset].float())
                 labels.append(COLOURS.index(o.colour))
                 pairs.append((o.colour, o.shape))
     return torch.stack(rows), torch.tensor(labels), pairs
@@ -175,12 +183,12 @@ def lm_reader(folder: Path, layers: str) -> tuple[Reader, object]:
 
 
 def probe_reader(reader: Reader, tokenizer, train: list[tuple[str, list]], test: list[tuple[str, list]],
-                 heldout_pairs: frozenset, seed: int = 0, l2: float = 1e-3) -> dict:
+                 heldout_pairs: frozenset, seed: int = 0, l2: float = 1e-3, offset: int = 0) -> dict:
     """Fit on `train`, score on `test` (all objects, and the held-out colour-shape pairs), plus the shuffled control."""
     from .captions import COLOURS
 
-    x_train, y_train, _ = features(reader, tokenizer, train)
-    x_test, y_test, pairs = features(reader, tokenizer, test)
+    x_train, y_train, _ = features(reader, tokenizer, train, offset=offset)
+    x_test, y_test, pairs = features(reader, tokenizer, test, offset=offset)
     probe = fit_probe(x_train, y_train, len(COLOURS), l2)
     novel = torch.tensor([p in heldout_pairs for p in pairs])
     shuffled = y_train[torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))]
@@ -199,20 +207,33 @@ def main(argv: list[str] | None = None) -> dict:
                         help="built-in readers (none: only the --toy-clip folders)")
     parser.add_argument("--toy-clip", type=Path, action="append", default=[],
                         help="a toy CLIP folder (bench.shapes.toy_clip); repeat to compare several")
+    parser.add_argument("--lm", type=Path, default=None,
+                        help="the LM folder the lm-* readers read (default: the assets' tiny-lm), e.g. one built by "
+                             "`python -m bench.shapes.tiny_lm --out FOLDER`")
     parser.add_argument("--train", type=int, default=2000, help="train-split scenes to draw (two-object ones are used)")
     parser.add_argument("--test", type=int, default=500, help="held-out-split scenes to draw")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--l2", type=float, default=1e-3,
                         help="L2 penalty on the probe's weights (standardised features)")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="read the state this many tokens after each noun (0: at the noun)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
     args = parser.parse_args(argv)
     if not args.readers and not args.toy_clip:
         parser.error("nothing to probe: give --readers and/or --toy-clip FOLDER")
     if args.l2 < 0:
         parser.error(f"--l2 must be non-negative, got {args.l2}")
+    if args.offset < 0:
+        parser.error(f"--offset must be non-negative (a causal state never sees later tokens), got {args.offset}")
     if args.train < 1 or args.test < 1:
         parser.error(f"--train and --test must be at least 1, got {args.train} and {args.test}")
-    needs_assets = bool(args.readers)
+    if args.lm is not None:
+        if not any(r.startswith("lm-") for r in args.readers):
+            parser.error("--lm is read by the lm-all / lm-last readers: add them to --readers")
+        if not (args.lm / "config.json").is_file():
+            parser.error(f"{args.lm} is not an LM folder (no config.json): build one with "
+                         f"`python -m bench.shapes.tiny_lm --out {args.lm}`")
+    needs_assets = "base" in args.readers or (args.lm is None and bool(args.readers))
     if needs_assets and not (args.assets / "manifest.json").is_file():
         parser.error(f"{args.assets} holds no shapes assets (no manifest.json): run `make shapes-assets` first")
     for folder in args.toy_clip:
@@ -229,21 +250,24 @@ def main(argv: list[str] | None = None) -> dict:
     train = binding_objects([s.caption for s in generate("train", args.train, args.seed)])
     test = binding_objects([s.caption for s in generate("heldout", args.test, args.seed)])
     readers: dict[str, Callable] = {}
+    lm_folder = args.lm if args.lm is not None else args.assets / LM_FOLDER
     for name in args.readers:
         readers[name] = (lambda: clip_reader(args.assets / BASE_FOLDER)) if name == "base" else (
-            lambda layers=name.split("-")[1]: lm_reader(args.assets / LM_FOLDER, layers))
+            lambda layers=name.split("-")[1]: lm_reader(lm_folder, layers))
     for folder in args.toy_clip:
         readers[f"toy-clip {folder}"] = lambda folder=folder: clip_reader(folder)
     results = {}
     for name, make in readers.items():
         read, tokenizer = make()
-        results[name] = probe_reader(read, tokenizer, train, test, HELDOUT.colour_shapes, args.seed, args.l2)
+        results[name] = probe_reader(read, tokenizer, train, test, HELDOUT.colour_shapes, args.seed, args.l2,
+                                     args.offset)
         logger.info("%s: %s", name, results[name])
     table = markdown_table(
         ["reader", "dims", "held-out objects", "held-out pairs only", "shuffled control", "train"],
         [[n, r["dims"], r["test_accuracy"], r["heldout_pair_accuracy"], r["shuffled_control"], r["train_accuracy"]]
          for n, r in results.items()])
-    text = (f"Colour of each object from the state at its noun, {results[next(iter(results))]['train_objects']} "
+    where = "at its noun" if args.offset == 0 else f"{args.offset} token(s) after its noun"
+    text = (f"Colour of each object from the state {where}, {results[next(iter(results))]['train_objects']} "
             f"train objects, {results[next(iter(results))]['test_objects']} held-out objects (chance 1/6 = 0.167).\n\n"
             + table + "\n")
     print(text)

@@ -14,24 +14,34 @@ same code path, chat template and user-span search included.
   as in real Llama 3 / Qwen 2.5), tied embeddings. About 0.6M parameters.
 - Training: next-token prediction on the chat-rendered train captions (what the adapter will feed it),
   loss on the caption's tokens and the closing markers only (the template prefix is constant). The
-  reported perplexity is over the same tokens of in-distribution (val) and held-out captions.
+  reported perplexity is over the same tokens of in-distribution (val) and held-out plain captions.
+- Binding continuations (`LMConfig.binding_continuations`, off in the shipped model): that share of the
+  two-object training captions gets a sentence about its scene that only the binding predicts,
+  "a red circle and a blue square . the circle is red ." (`binding_continuation`), inside the caption
+  span, so the loss covers it. Next-token prediction of captions alone never needs "which colour goes with
+  which object"; this makes the LM's states carry it. The adapter still sees plain captions.
 
     folder, stats = build_tiny_lm("assets/shapes/tiny-lm", LMConfig(), seed=0)
+    python -m bench.shapes.tiny_lm --out outputs/tiny-lm-binding --binding-continuations 0.5 [--steps 600]
 """
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .fitting import loss_summary, optimizer_step
-from .scenes import generate
+from .scenes import PlacedObject, Sample, generate
 
-__all__ = ["CHAT_TEMPLATE", "SPECIAL_TOKENS", "LMConfig", "build_tiny_lm", "build_tokenizer", "train_lm"]
+__all__ = ["CHAT_TEMPLATE", "CONTINUATION_WORDS", "SPECIAL_TOKENS", "LMConfig", "binding_continuation",
+           "build_tiny_lm", "build_tokenizer", "train_lm"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +69,70 @@ class LMConfig:
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 30
+    # share of the training captions that get a binding continuation (0 = plain captions, the shipped model)
+    binding_continuations: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.binding_continuations <= 1.0:
+            raise ValueError(f"binding_continuations is a share of the captions, in [0, 1]; got "
+                             f"{self.binding_continuations}")
 
     @classmethod
     def quick(cls) -> "LMConfig":
         return cls(hidden_size=32, intermediate_size=64, num_layers=2, train_captions=200, eval_captions=50,
                    steps=5, batch_size=16, warmup=1)
+
+
+# Every word a continuation can use; added to the tokenizer's corpus whenever continuations are on, so a
+# rare question form can never be <unk>.
+CONTINUATION_WORDS = ". the one is a left right top bottom"
+# position question -> (axis of the grid cell, whether the smaller index is meant)
+_POSITION_WORDS = {"left": (1, True), "right": (1, False), "top": (0, True), "bottom": (0, False)}
+
+
+def binding_continuation(objects: tuple[PlacedObject, ...] | list[PlacedObject], rng: np.random.Generator,
+                         positions_asserted: bool = False) -> str | None:
+    """A sentence about one object of a scene that only the binding predicts, or None if the scene has none.
+
+    Read from the scene's objects, not from its caption: "the circle is red ." (colour given shape),
+    "the red one is a circle ." (shape given colour), "the left one is blue ." / "the top one is a square ."
+    (an attribute given the position, when the two objects differ along that axis; only where the caption
+    asserts where the objects are, `positions_asserted`, i.e. relation captions: a pair caption does not say
+    which object is left, so the answer would be a coin flip that teaches nothing). A question is only
+    asked when its key picks out exactly one object and its answer differs from another object's, so that
+    the answer is neither ambiguous nor guessable without knowing which attribute goes with which object.
+    Scenes whose objects are all alike (one object, or n identical ones) get None. One question is drawn
+    uniformly from those that qualify.
+    """
+    questions = []
+    for key, answer in (("shape", "colour"), ("colour", "shape")):
+        for o in objects:
+            unique = sum(getattr(p, key) == getattr(o, key) for p in objects) == 1
+            if unique and any(getattr(p, answer) != getattr(o, answer) for p in objects):
+                subject = f"the {o.shape}" if key == "shape" else f"the {o.colour} one"
+                questions.append(f"{subject} is {o.colour if answer == 'colour' else 'a ' + o.shape} .")
+    if positions_asserted and len(objects) == 2:
+        for word, (axis, smaller) in _POSITION_WORDS.items():
+            a, b = sorted(objects, key=lambda p: p.cell[axis], reverse=not smaller)
+            if a.cell[axis] == b.cell[axis]:
+                continue
+            for answer in ("colour", "shape"):
+                if getattr(a, answer) != getattr(b, answer):
+                    questions.append(f"the {word} one is {a.colour if answer == 'colour' else 'a ' + a.shape} .")
+    return questions[rng.integers(len(questions))] if questions else None
+
+
+def training_texts(samples: list[Sample], share: float, seed: int) -> list[str]:
+    """The samples' captions; with probability `share` each one that has a continuation gets it appended."""
+    if share == 0:
+        return [s.caption for s in samples]
+    rng = np.random.default_rng([seed, 17])  # its own stream: the scenes themselves do not move
+    texts = []
+    for sample in samples:
+        continuation = (binding_continuation(sample.objects, rng, sample.spec.relation is not None)
+                        if rng.random() < share else None)
+        texts.append(sample.caption if continuation is None else f"{sample.caption} . {continuation}")
+    return texts
 
 
 def build_tokenizer(captions: list[str]):
@@ -150,12 +219,13 @@ def build_tiny_lm(dest: str | Path, config: LMConfig = LMConfig(), seed: int = 0
     dest = Path(dest)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    captions = [s.caption for s in generate("train", config.train_captions, seed)]
-    tokenizer = build_tokenizer(captions)
+    captions = training_texts(generate("train", config.train_captions, seed), config.binding_continuations, seed)
+    tokenizer = build_tokenizer(captions + [CONTINUATION_WORDS] if config.binding_continuations else captions)
     model = _make_model(tokenizer, config)
     stats = train_lm(model, tokenizer, captions, config, seed)
     val = [s.caption for s in generate("val", config.eval_captions, seed)]
-    heldout = [s.caption for s in generate("heldout", config.eval_captions, seed)]
+    heldout_samples = generate("heldout", config.eval_captions, seed)
+    heldout = [s.caption for s in heldout_samples]
     stats.update(
         val_perplexity=perplexity(model, tokenizer, val),
         heldout_perplexity=perplexity(model, tokenizer, heldout),
@@ -164,9 +234,61 @@ def build_tiny_lm(dest: str | Path, config: LMConfig = LMConfig(), seed: int = 0
         train_seconds=round(time.perf_counter() - start, 1),
         config=asdict(config),
     )
+    if config.binding_continuations:
+        stats["heldout_continuation_accuracy"] = continuation_accuracy(model, tokenizer, heldout_samples, seed)
     dest.mkdir(parents=True)
     model.save_pretrained(dest, safe_serialization=True)
     tokenizer.save_pretrained(dest)
     logger.info("tiny LM: val perplexity %.3f, held-out %.3f, %d parameters, %.0f s -> %s",
                 stats["val_perplexity"], stats["heldout_perplexity"], stats["parameters"], stats["train_seconds"], dest)
     return dest, stats
+
+
+@torch.no_grad()
+def continuation_accuracy(model, tokenizer, samples: list[Sample], seed: int) -> float:
+    """How often the LM's top next token is the answer word of a held-out scene's binding continuation.
+
+    Every sample with a continuation is rendered "caption . question answer ." and the model is scored
+    on the answer word alone (the last word before the final "."), greedy, given everything before it.
+    """
+    texts = [t for t in training_texts(samples, 1.0, seed) if t.endswith(" .") and " . " in t]
+    if not texts:
+        return float("nan")
+    model.eval()
+    batch = _batch(tokenizer, texts)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lengths = batch["attention_mask"].sum(1)
+    # row layout: ... answer "." <|end|> </s>; the answer sits 4 tokens before the end
+    answer_at = lengths - 4
+    rows = torch.arange(len(texts))
+    predicted = logits[rows, answer_at - 1].argmax(-1)
+    return float((predicted == batch["input_ids"][rows, answer_at]).float().mean())
+
+
+def main(argv: list[str] | None = None) -> dict:
+    defaults = LMConfig()
+    parser = argparse.ArgumentParser(prog="python -m bench.shapes.tiny_lm", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, required=True, help="the LM folder to write (must not exist)")
+    parser.add_argument("--binding-continuations", type=float, default=defaults.binding_continuations,
+                        help="share of training captions that get a continuation only the binding predicts")
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.out.exists():
+        parser.error(f"{args.out} already exists; remove it or choose another --out")
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    try:
+        config = replace(defaults, binding_continuations=args.binding_continuations, steps=args.steps)
+    except ValueError as err:
+        parser.error(f"--binding-continuations: {err}")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(1)
+    folder, stats = build_tiny_lm(args.out, config, args.seed)
+    (folder / "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    print(json.dumps(stats, indent=1))
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -78,12 +78,30 @@ def test_a_bag_of_words_noun_state_is_the_same_whatever_its_colour(clip_tokenize
     torch.testing.assert_close(x[1], x[3])
 
 
+def test_offset_reads_the_state_that_many_tokens_after_each_noun(clip_tokenizer):
+    from bench.shapes.tiny_base import tokenize
+
+    def read(captions):  # each position's state is its own index: which position was read is visible
+        ids = tokenize(clip_tokenizer, captions)
+        return torch.arange(ids.shape[1]).float().expand(len(captions), -1)[..., None], ids
+
+    items = binding_objects(["a red circle and a blue square"])
+    at_noun, _, _ = features(read, clip_tokenizer, items)
+    after, _, _ = features(read, clip_tokenizer, items, offset=1)
+    assert (after - at_noun).flatten().tolist() == [1.0, 1.0]
+    with pytest.raises(ValueError, match="past the end"):
+        features(read, clip_tokenizer, items, offset=100)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--readers"], "nothing to probe"),
     (["--l2", "-1"], "--l2 must be non-negative"),
     (["--test", "0"], "--test must be at least 1"),
     (["--readers", "--toy-clip", "{tmp}"], "is not a toy CLIP folder"),
     (["--assets", "{tmp}"], "make shapes-assets"),
+    (["--lm", "{tmp}"], "is not an LM folder"),
+    (["--readers", "base", "--lm", "{tmp}"], "add them to --readers"),
+    (["--offset", "-1"], "--offset must be non-negative"),
 ])
 def test_the_command_refuses_bad_arguments_with_what_to_do(tmp_path, capsys, argv, message):
     from bench.shapes.probe import main

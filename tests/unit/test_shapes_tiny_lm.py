@@ -1,0 +1,77 @@
+"""The tiny LM's binding continuations: true, only where they need the binding, deterministic; the LM still loads."""
+import numpy as np
+import pytest
+
+from bench.shapes.scenes import PlacedObject, generate
+from bench.shapes.tiny_lm import binding_continuation, training_texts
+
+
+def _obj(colour, shape, cell):
+    return PlacedObject(colour, shape, "small", cell, 0, 0, 10)
+
+
+def _all_continuations(objects, positions_asserted=False, draws=200):
+    return {binding_continuation(objects, np.random.default_rng(i), positions_asserted) for i in range(draws)}
+
+
+def test_each_question_asks_the_right_attribute_of_the_right_object():
+    scene = [_obj("red", "circle", (0, 0)), _obj("blue", "square", (0, 2))]
+    assert _all_continuations(scene) == {"the circle is red .", "the square is blue .",
+                                         "the red one is a circle .", "the blue one is a square ."}
+    # the caption says where they are (a relation): the same row, so left/right only, never top/bottom
+    assert _all_continuations(scene, positions_asserted=True) - _all_continuations(scene) == {
+        "the left one is red .", "the left one is a circle .", "the right one is blue .", "the right one is a square ."}
+    column = [_obj("red", "circle", (2, 1)), _obj("blue", "square", (0, 1))]
+    assert {c for c in _all_continuations(column, True) if "one is" in c and "the red" not in c
+            and "the blue" not in c} == {"the top one is blue .", "the top one is a square .",
+                                         "the bottom one is red .", "the bottom one is a circle ."}
+
+
+def test_no_question_whose_answer_the_binding_does_not_decide():
+    # two circles: "the circle" is ambiguous, and "the red one is a circle" is true of either object
+    assert _all_continuations([_obj("red", "circle", (0, 0)), _obj("blue", "circle", (1, 1))]) == {None}
+    assert _all_continuations([_obj("red", "circle", (0, 0)), _obj("blue", "circle", (0, 1))], True) == {
+        "the left one is red .", "the right one is blue ."}
+    # one object, or identical ones: nothing to bind
+    assert _all_continuations([_obj("red", "circle", (1, 1))], True) == {None}
+    assert _all_continuations([_obj("red", "circle", (0, 0)), _obj("red", "circle", (2, 2))], True) == {None}
+
+
+def test_training_texts_are_deterministic_and_only_extend_two_object_captions():
+    samples = generate("train", 60, seed=0)
+    captions = [s.caption for s in samples]
+    assert training_texts(samples, 0.0, 0) == captions
+    texts = training_texts(samples, 0.5, 0)
+    assert texts == training_texts(samples, 0.5, 0) and texts != training_texts(samples, 0.5, 1)
+    extended = [(s, t) for s, t in zip(samples, texts) if t != s.caption]
+    assert 0 < len(extended) < len(samples)
+    for sample, text in extended:
+        assert sample.spec.kind in ("pair", "relation") and text.startswith(sample.caption + " . the ")
+    assert sum(t != c for t, c in zip(training_texts(samples, 1.0, 0), captions)) > len(extended)
+
+
+def test_a_binding_lm_covers_the_continuation_words_and_loads_like_the_shipped_one(tmp_path):
+    from dataclasses import replace
+
+    from adapter import load_llm
+    from bench.shapes.tiny_lm import CONTINUATION_WORDS, LMConfig, build_tiny_lm
+
+    folder, stats = build_tiny_lm(tmp_path / "lm", replace(LMConfig.quick(), binding_continuations=1.0), seed=0)
+    llm = load_llm(folder)
+    ids = llm.tokenizer(CONTINUATION_WORDS + " circle red", add_special_tokens=False).input_ids
+    assert llm.tokenizer.unk_token_id not in ids
+    assert 0.0 <= stats["heldout_continuation_accuracy"] <= 1.0
+    assert np.isfinite(stats["heldout_perplexity"]) and stats["config"]["binding_continuations"] == 1.0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--out", "{tmp}"], "already exists"),
+    (["--out", "{tmp}/new", "--binding-continuations", "1.5"], "in [0, 1]"),
+    (["--out", "{tmp}/new", "--steps", "0"], "--steps must be at least 1"),
+])
+def test_the_command_refuses_bad_arguments(tmp_path, capsys, argv, message):
+    from bench.shapes.tiny_lm import main
+
+    with pytest.raises(SystemExit):
+        main([a.format(tmp=tmp_path) for a in argv])
+    assert message in capsys.readouterr().err
