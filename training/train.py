@@ -67,7 +67,7 @@ from training import checkpoint as ckpt
 from training.conditioning import adapter_context, adapter_context_at, encode_for
 from training.config import (DEFAULT_PRESET, TrainConfig, TrainConfigError, format_config, missing_inputs, resolve_config,
                              shareable_dict)
-from training.data import Dataset, DatasetError, epoch_batches, load_pixels, scan_dataset
+from training.data import Dataset, DatasetError, describe_skipped, epoch_batches, load_pixels, scan_dataset
 from training.debug import nan_in_adapter_output
 from training.distributed import end_run
 from training.latent_cache import LatentCache, fill, vae_fingerprint
@@ -600,7 +600,7 @@ def finish_image_stage(run: ImageRun, progress: Progress, meter: RunLog, started
         write_timings(run.timer, meter, run.out_dir)
         meter.writer.close()
         if run.dataset.skipped:
-            print(f"skipped {len(run.dataset.skipped)} sample(s): " + "; ".join(run.dataset.skipped[:20]), flush=True)
+            print(f"skipped {describe_skipped(run.dataset.skipped)}: " + "; ".join(run.dataset.skipped[:20]), flush=True)
 
 
 def layer_weight_scalars(adapter: nn.Module) -> dict[str, float]:

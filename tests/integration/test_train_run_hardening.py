@@ -19,7 +19,8 @@ def test_bad_caption_is_skipped_and_the_export_holds_names_not_paths(tmp_path):
     proc = run_train(train_command("sd15", data, tmp_path / "out", 2, "--preset", "uniform", "--config", str(run_config)))
     assert proc.returncode == 0, proc.output
     assert "img6.png: caption is not valid UTF-8 (byte 3" in proc.output
-    assert "skipped 1 sample(s): img6.png" in proc.output  # the end-of-run summary names it too
+    # the end-of-run summary counts it by reason and names it too
+    assert "skipped 1 sample(s) (caption is not valid UTF-8: 1): img6.png" in proc.output
 
     header = read_header(tmp_path / "out/adapter.safetensors")
     metadata = json.dumps(header["__metadata__"])
