@@ -61,10 +61,9 @@ def train_arm(assets: Path, data: Path, out: Path, arm: str, seed: int, steps: i
 
 def measure(assets: Path, out: Path, arms: list[str], seed: int) -> dict:
     """R per checkpoint (diagnose), parameters and s/step per arm."""
-    from . import diagnose
-    from training.checkpoint import load_checkpoint_adapter
-
     from training import checkpoint as ckpt
+
+    from . import diagnose
 
     checkpoints = {arm: ckpt.complete_checkpoints(run_dir(out, arm, seed)) for arm in arms}
     rows = diagnose.diagnose(assets, [p for arm in arms for p in checkpoints[arm]])
@@ -73,7 +72,7 @@ def measure(assets: Path, out: Path, arms: list[str], seed: int) -> dict:
                "arms": {}}
     for arm in arms:
         timings = json.loads((run_dir(out, arm, seed) / "timings.json").read_text(encoding="utf-8"))
-        adapter = load_checkpoint_adapter(checkpoints[arm][-1])
+        adapter = ckpt.load_checkpoint_adapter(checkpoints[arm][-1])
         results["arms"][arm] = {
             "flags": list(ARMS[arm]),
             "parameters": sum(p.numel() for p in adapter.parameters()),
