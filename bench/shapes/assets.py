@@ -1,6 +1,7 @@
 """`make shapes-assets`: build the shapes benchmark's tiny LM and tiny base model (the weak teacher) from seeds.
 
     python -m bench.shapes.assets [--out assets/shapes] [--seed 0] [--quick] [--force]
+                                  [--toy-clip FOLDER] [--vae-from BASE_FOLDER]
 
 writes
     <out>/tiny-lm/           Hugging Face folder: a 4-block Llama + word-level tokenizer with a chat template
@@ -14,6 +15,11 @@ Everything is trained here on the CPU from generated scenes (no download), deter
 renamed at the end, so an interrupted run leaves nothing half-written; `ensure_assets()` reuses a
 finished folder whose manifest matches (version, seed, quick). `--quick` builds miniature models in
 seconds, for tests only: they are untrained and useless for measurements.
+
+`--toy-clip FOLDER` builds the base on a contextual teacher instead of the bag of words: the toy CLIP's
+tokenizer and text encoder (`python -m bench.shapes.toy_clip`) are frozen and the UNet learns to read
+them, as SD's UNet learnt to read CLIP. `--vae-from BASE_FOLDER` reuses an already built base's VAE
+(30 CPU-minutes saved; bases that differ only in their text side then share the same latents).
 """
 from __future__ import annotations
 
@@ -71,7 +77,7 @@ def read_manifest(folder: str | Path) -> dict:
 
 
 def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = False, force: bool = False,
-                 threads: int = 1) -> Path:
+                 threads: int = 1, toy_clip: str | Path | None = None, vae_from: str | Path | None = None) -> Path:
     """Train both models, evaluate them, write the manifest; returns `out`. Refuses to overwrite unless force."""
     import torch
     import diffusers
@@ -93,7 +99,10 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
     try:
         with _reproducible(threads):
             _, lm_stats = build_tiny_lm(tmp / LM_FOLDER, lm_config, seed)
-            base_folder, base_stats = build_tiny_base(tmp / BASE_FOLDER, base_config, seed)
+            base_folder, base_stats = build_tiny_base(tmp / BASE_FOLDER, base_config, seed,
+                                                      text_side_from=toy_clip, vae_from=vae_from)
+            if toy_clip is not None:
+                base_stats["toy_clip"] = json.loads((Path(toy_clip) / "stats.json").read_text(encoding="utf-8"))
             t0 = time.perf_counter()
             heldout, images = teacher_scores(base_folder, heldout_prompts(base_config.eval_prompts, seed),
                                              base_config, seed)
@@ -136,6 +145,10 @@ def ensure_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fa
     if manifest and (manifest.get("version"), manifest.get("seed"), manifest.get("quick")) == (ASSETS_VERSION, seed,
                                                                                                  quick):
         return out
+    if manifest and manifest["base"].get("text_side", "bag-of-words") != "bag-of-words":
+        raise ValueError(f"{out} holds assets of another version, seed or mode, built on a toy CLIP teacher; "
+                         f"rebuild them with `python -m bench.shapes.assets --out {out} --toy-clip FOLDER --force` "
+                         f"(rebuilding here would silently replace the teacher with the bag of words)")
     if manifest:
         logger.info("rebuilding %s: it holds version %s seed %s quick %s", out, manifest.get("version"),
                     manifest.get("seed"), manifest.get("quick"))
@@ -171,9 +184,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--force", action="store_true", help="rebuild even if --out exists")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: fastest on a busy machine, and part of reproducibility)")
+    parser.add_argument("--toy-clip", type=Path, metavar="FOLDER",
+                        help="train the base UNet on this toy CLIP's frozen text encoder instead of the bag of words "
+                             "(a folder made by python -m bench.shapes.toy_clip)")
+    parser.add_argument("--vae-from", type=Path, metavar="BASE_FOLDER",
+                        help="reuse this built base's VAE instead of training one (e.g. assets/shapes/tiny-base)")
     args = parser.parse_args(argv)
+    for flag, folder, part in (("--toy-clip", args.toy_clip, "text_encoder"), ("--vae-from", args.vae_from, "vae")):
+        if folder is not None and not (folder / part).is_dir():
+            parser.error(f"{flag} {folder}: no {part}/ folder there")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = build_assets(args.out, seed=args.seed, quick=args.quick, force=args.force, threads=args.threads)
+    out = build_assets(args.out, seed=args.seed, quick=args.quick, force=args.force, threads=args.threads,
+                       toy_clip=args.toy_clip, vae_from=args.vae_from)
     manifest = read_manifest(out)
     teacher = manifest["base"]["teacher"]["heldout"]
     print(f"wrote {out} ({manifest['total_bytes'] / 1e6:.1f} MB, {manifest['total_seconds']:.0f} s)")

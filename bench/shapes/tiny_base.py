@@ -38,14 +38,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .fitting import loss_summary, optimizer_step
 from .scenes import BACKGROUND, IMAGE_SIZE, Sample, generate
 from .scorer import score, summarize
 
 __all__ = ["BaseConfig", "SD_SCHEDULER", "build_clip_tokenizer", "build_tiny_base", "make_text_encoder",
-           "teacher_scores", "vae_roundtrip_scores"]
+           "load_frozen_text_side", "load_vae", "teacher_scores", "vae_roundtrip_scores"]
 
 logger = logging.getLogger(__name__)
 
@@ -272,7 +271,8 @@ def train_unet(unet, text_encoder, tokenizer, scheduler, latents: torch.Tensor,
     warmup = max(1, config.unet_steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     ema = _EMA(params, config.ema_decay)
-    unet.train(), text_encoder.train()
+    unet.train()
+    text_encoder.train(any(p.requires_grad for p in text_encoder.parameters()))  # a frozen encoder stays in eval
     losses = []
     for step in range(config.unet_steps):
         picks = torch.randint(len(latents), (config.unet_batch,), generator=generator)
@@ -313,22 +313,60 @@ def teacher_scores(folder: str | Path, prompts: list[str], config: BaseConfig, s
     return summarize([score(image, prompt) for image, prompt in zip(images, prompts)]), images
 
 
-def build_tiny_base(dest: str | Path, config: BaseConfig = BaseConfig(), seed: int = 0) -> tuple[Path, dict]:
-    """Train VAE, then UNet + bag-of-words text encoder on train scenes; save the diffusers folder at `dest`."""
+def load_frozen_text_side(folder: str | Path):
+    """(tokenizer, text encoder) from a folder holding `tokenizer/` and `text_encoder/` (a toy CLIP, or a base),
+    the encoder frozen: the base UNet then learns to read a fixed encoder's contexts, as SD's did from CLIP."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    folder = Path(folder)
+    missing = [part for part in ("tokenizer", "text_encoder") if not (folder / part).is_dir()]
+    if missing:
+        raise FileNotFoundError(f"{folder} has no {' or '.join(missing)} folder: give a toy CLIP folder made by "
+                                f"`python -m bench.shapes.toy_clip --out FOLDER`")
+    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", local_files_only=True).requires_grad_(False)
+    return tokenizer, encoder.eval()
+
+
+def load_vae(base_folder: str | Path):
+    """A built base's VAE (its `vae/` folder), reused so that bases differing only in their text side share it."""
+    from diffusers import AutoencoderKL
+
+    folder = Path(base_folder) / "vae"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{base_folder} has no vae/config.json: give a tiny base folder, such as "
+                                f"assets/shapes/tiny-base")
+    return AutoencoderKL.from_pretrained(folder, local_files_only=True).eval()
+
+
+def build_tiny_base(dest: str | Path, config: BaseConfig = BaseConfig(), seed: int = 0,
+                    text_side_from: str | Path | None = None,
+                    vae_from: str | Path | None = None) -> tuple[Path, dict]:
+    """Train VAE, then UNet + bag-of-words text encoder on train scenes; save the diffusers folder at `dest`.
+
+    `text_side_from`: a toy CLIP folder whose tokenizer and (frozen) text encoder replace the bag of words.
+    `vae_from`: a base folder whose trained VAE is reused instead of training one (its scaling factor kept).
+    """
     from diffusers import DDPMScheduler, StableDiffusionPipeline
 
     dest = Path(dest)
-    stats: dict = {"config": asdict(config)}
+    stats: dict = {"config": asdict(config),
+                   "text_side": "bag-of-words" if text_side_from is None else f"frozen: {Path(text_side_from).name}"}
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # module initialisation
     samples = generate("train", config.train_images, seed)
     images = _images_tensor(samples)
 
     start = time.perf_counter()
-    vae = make_vae(config.vae_channels, config.vae_latent_channels)
-    stats["vae"] = train_vae(vae, images, config, generator)
-    latents = encode_latents(vae, images)
-    vae.register_to_config(scaling_factor=float(1 / latents.std()))  # unit-variance latents, as SD's 0.18215
+    if vae_from is None:
+        vae = make_vae(config.vae_channels, config.vae_latent_channels)
+        stats["vae"] = train_vae(vae, images, config, generator)
+        latents = encode_latents(vae, images)
+        vae.register_to_config(scaling_factor=float(1 / latents.std()))  # unit-variance latents, as SD's 0.18215
+    else:
+        vae = load_vae(vae_from)
+        stats["vae"] = {"reused_from": Path(vae_from).name}
+        latents = encode_latents(vae, images)
     stats["vae"].update(
         train_seconds=round(time.perf_counter() - start, 1), scaling_factor=vae.config.scaling_factor,
         parameters=sum(p.numel() for p in vae.parameters()),
@@ -339,10 +377,14 @@ def build_tiny_base(dest: str | Path, config: BaseConfig = BaseConfig(), seed: i
                 stats["vae"]["roundtrip_val"]["overall"])
 
     start = time.perf_counter()
-    tokenizer = build_clip_tokenizer([s.caption for s in samples])
-    text_encoder = make_text_encoder(tokenizer, config.text_width)
+    if text_side_from is None:
+        tokenizer = build_clip_tokenizer([s.caption for s in samples])
+        text_encoder = make_text_encoder(tokenizer, config.text_width)
+    else:
+        tokenizer, text_encoder = load_frozen_text_side(text_side_from)
     latent_size = IMAGE_SIZE // 2 ** (len(config.vae_channels) - 1)
-    unet = make_unet(config.unet_channels, config.text_width, latent_size, config.vae_latent_channels)
+    unet = make_unet(config.unet_channels, text_encoder.config.hidden_size, latent_size,
+                     vae.config.latent_channels)
     scheduler = DDPMScheduler(**SD_SCHEDULER)
     stats["unet"] = train_unet(unet, text_encoder, tokenizer, scheduler, latents, vae.config.scaling_factor,
                                [s.caption for s in samples], config, generator)

@@ -1,5 +1,6 @@
 """bench/shapes/toy_clip.py: InfoNCE on tensors whose loss is known, hard negatives through the caption grammar,
 the text tower's SD1.x set-up (causal, learned positions, EOS padding), and a few training steps end to end."""
+import json
 import math
 
 import numpy as np
@@ -104,3 +105,38 @@ def test_a_few_steps_train_save_and_read_back_through_the_probe(tmp_path):
     states, ids = read(["a red circle and a blue square"])
     with torch.no_grad():
         torch.testing.assert_close(states, model.text_encoder(ids).last_hidden_state)
+
+
+def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp_path):
+    """`bench.shapes.assets --toy-clip F --vae-from B`: the saved base's text side is the toy CLIP, bit for bit
+    (the UNet learnt to read it, it did not learn with it), its VAE is B's, and the manifest says so."""
+    from safetensors.torch import load_file
+
+    from bench.shapes.assets import ASSETS_VERSION, BASE_FOLDER, build_assets, ensure_assets, read_manifest
+    from bench.shapes.toy_clip import save, train_toy_clip
+    from devkit.cache import cache_dir
+
+    reference = ensure_assets(cache_dir() / f"shapes-assets-quick-v{ASSETS_VERSION}", seed=0, quick=True)
+    config = ToyClipConfig(width=32, steps=2, batch=8, train_images=40, eval_images=8)
+    clip = save(*train_toy_clip(config), tmp_path / "clip")
+    out = build_assets(tmp_path / "assets", quick=True, toy_clip=clip, vae_from=reference / BASE_FOLDER)
+    base = out / BASE_FOLDER
+    for part in ("text_encoder", "vae"):
+        source = clip if part == "text_encoder" else reference / BASE_FOLDER
+        ours, theirs = (load_file(str(folder / part / "model.safetensors")
+                                  if (folder / part / "model.safetensors").exists()
+                                  else str(folder / part / "diffusion_pytorch_model.safetensors"))
+                        for folder in (base, source))
+        assert ours.keys() == theirs.keys(), part
+        for key in ours:
+            assert torch.equal(ours[key], theirs[key]), f"{part}: {key} changed"
+    assert (json.loads((base / "tokenizer" / "vocab.json").read_text())
+            == json.loads((clip / "tokenizer" / "vocab.json").read_text()))
+    unet = json.loads((base / "unet" / "config.json").read_text())
+    assert unet["cross_attention_dim"] == config.width
+    manifest = read_manifest(out)
+    assert manifest["base"]["text_side"] == "frozen: clip" and manifest["base"]["vae"]["reused_from"] == BASE_FOLDER
+    assert manifest["base"]["toy_clip"]["config"]["width"] == config.width
+    assert ensure_assets(out, quick=True) == out  # a finished toy-CLIP folder is reused as it is
+    with pytest.raises(ValueError, match="--toy-clip"):
+        ensure_assets(out, seed=1, quick=True)  # ...and never silently rebuilt on the bag of words
