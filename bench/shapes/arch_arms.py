@@ -1,6 +1,7 @@
 """Architectures on equal terms: ours, an ELLA-style Perceiver and a RouWei-style module on the shapes benchmark.
 
-    python -m bench.shapes.arch_arms [--out outputs/arch-arms] [--arms ours ella rouwei] [--seed 0] [--steps 600]
+    python -m bench.shapes.arch_arms [--out outputs/arch-arms] [--arms ours ella rouwei-unit] [--seeds 0 1 2]
+                                     [--steps 600]
 
 Each arm is the trainer's own command line (bench/shapes/pipeline.py's train_command: `--preset dynamic-kl
 --config bench/shapes/adapter.toml`, the same data, seed, steps, batch, optimiser and loss), differing only
@@ -16,8 +17,10 @@ in `--arch` and that architecture's sizes, scaled to the tiny pipeline:
 Neither ELLA nor RouWei has an output projection, so their width is the tiny UNet's context width (64); their
 input is the tiny LM's final-norm last hidden state (128 wide) through the same prompt template as ours.
 Then the recovered gain R of every checkpoint (bench/shapes/diagnose.py, the same 256 val triplets), the
-parameter count and the trainer's s/step (timings.json). Runs resume and finished runs are reused, so the
-command can be stopped and rerun; results.md / results.json go to --out.
+parameter count and the trainer's s/step (timings.json), per seed; over several seeds also the seed mean of
+R at every checkpoint and each arm's final R minus ours' per seed (the same seed means the same data order,
+noise and timesteps for every arm). Runs resume and finished runs are reused, so the command can be stopped
+and rerun; results.md / results.json go to --out.
 """
 from __future__ import annotations
 
@@ -86,6 +89,37 @@ def measure(assets: Path, out: Path, arms: list[str], seed: int) -> dict:
     return results
 
 
+def seed_summary(per_seed: dict[int, dict]) -> dict:
+    """Mean R over seeds at every checkpoint all seeds reached, and each arm's final R minus ours', per seed."""
+    seeds = sorted(per_seed)
+    arms = list(per_seed[seeds[0]]["arms"])
+    summary = {"seeds": seeds, "mean_recovered_gain": {}, "final_minus_ours": {}}
+    for arm in arms:
+        runs = [per_seed[s]["arms"][arm] for s in seeds]
+        steps = sorted(set.intersection(*(set(r["steps"]) for r in runs)))
+        summary["mean_recovered_gain"][arm] = {
+            str(step): sum(r["recovered_gain"][r["steps"].index(step)] for r in runs) / len(runs) for step in steps}
+        if "ours" in arms and arm != "ours":
+            summary["final_minus_ours"][arm] = [
+                per_seed[s]["arms"][arm]["recovered_gain"][-1] - per_seed[s]["arms"]["ours"]["recovered_gain"][-1]
+                for s in seeds]
+    return summary
+
+
+def summary_markdown(summary: dict) -> str:
+    from .report import markdown_table
+
+    means = summary["mean_recovered_gain"]
+    steps = sorted({int(s) for m in means.values() for s in m}, key=int)
+    cell = lambda arm, s: f"{means[arm][str(s)]:.2f}" if str(s) in means[arm] else "-"  # noqa: E731
+    table = markdown_table(["step", *means], [[str(s), *(cell(a, s) for a in means)] for s in steps])
+    gaps = markdown_table(["arm", "final R - ours, per seed", "mean"],
+                          [[arm, ", ".join(f"{g:+.2f}" for g in gap), f"{sum(gap) / len(gap):+.2f}"]
+                           for arm, gap in summary["final_minus_ours"].items()])
+    return (f"Mean R over seeds {', '.join(map(str, summary['seeds']))}:\n\n{table}\n\n"
+            + (f"{gaps}\n" if summary["final_minus_ours"] else ""))
+
+
 def results_markdown(results: dict) -> str:
     from .report import markdown_table
 
@@ -106,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data", type=Path, default=None, help="train-8000 image folder (default: the cache's)")
     parser.add_argument("--out", type=Path, default=Path("outputs/arch-arms"))
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", "--seed", type=int, nargs="+", default=[0], help="one run per arm and seed")
     parser.add_argument("--steps", type=int, default=600, help="steps per arm (checkpoints every 100: adapter.toml)")
     parser.add_argument("--measure-only", action="store_true", help="skip training; measure the checkpoints there are")
     args = parser.parse_args(argv)
@@ -118,13 +152,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(1)
     data = args.data or ensure_train_data(default_data())
+    seeds = list(dict.fromkeys(args.seeds))
     if not args.measure_only:
-        for arm in args.arms:  # one at a time: the trainer is single-threaded here
-            train_arm(args.assets, data, args.out, arm, args.seed, args.steps)
-    results = measure(args.assets, args.out, args.arms, args.seed)
+        for seed in seeds:  # a whole seed first, so an interrupted run still leaves comparable arms
+            for arm in args.arms:  # one at a time: the trainer is single-threaded here
+                train_arm(args.assets, data, args.out, arm, seed, args.steps)
+    per_seed = {seed: measure(args.assets, args.out, args.arms, seed) for seed in seeds}
+    results = {"per_seed": {str(s): r for s, r in per_seed.items()}, "summary": seed_summary(per_seed)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=2), encoding="utf-8")
-    text = results_markdown(results)
+    text = "\n".join(results_markdown(r) for r in per_seed.values())
+    if len(seeds) > 1:
+        text += "\n" + summary_markdown(results["summary"])
     (args.out / "results.md").write_text(text, encoding="utf-8")
     print(text)
     return results
