@@ -217,6 +217,31 @@ def test_fresh_module_trains_resumes_exports_our_format_and_runs_in_the_node(arc
     assert load_any_adapter(tmp_path / "again/adapter.safetensors").config == trained.config
 
 
+@pytest.mark.parametrize("arch", list(SCRATCH))
+def test_fresh_module_over_two_processes_resumes_bit_identically(arch, tmp_path):
+    """torchrun with two CPU processes trains a fresh module (ELLA: each rank's samples at their own timesteps);
+    stopped after step 1 and resumed, again over two processes, it exports the same bytes as an unbroken run."""
+    data = tiny_dataset(tmp_path / "data", count=4)
+
+    def command(out, *extra):
+        return train_command("sd15", data, tmp_path / out, 2, *SCRATCH[arch], "--checkpoint-every", "1", *extra)
+
+    whole = run_train(command("whole"), nproc=2)
+    assert whole.returncode == 0, whole.output
+    assert whole.output.count("adapter written:") == 1  # rank 0 only
+    part = run_train(command("split", "--set", "debug.stop_after_step=1"), nproc=2)
+    # torchrun reports a child's exit code 3 ("preempted") as its own failure, 1
+    assert part.returncode != 0 and part.output.count("exiting as if preempted") == 2, part.output
+    assert (tmp_path / "split/checkpoints/step-00000001").is_dir()
+    rest = run_train(command("split", "--resume", "latest"), nproc=2)
+    assert rest.returncode == 0 and "resuming from" in rest.output, rest.output
+    a, b = (load_file(str(tmp_path / run / "adapter.safetensors")) for run in ("whole", "split"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(tmp_path / "whole/adapter.safetensors"), framework="pt") as f:
+        architecture = json.loads(f.metadata()["config"])["architecture"]
+    assert architecture["kind"] == ("ella" if arch == "ella" else "rouwei")
+
+
 @pytest.mark.parametrize("name", ["ella", "rouwei-fused"])
 def test_export_format_ours_writes_a_published_module_with_its_text_side(name, tmp_path, comfy_models):  # noqa: F811
     pipeline, text_model, write, layout, _ = CASES[name]
