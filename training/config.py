@@ -197,12 +197,6 @@ class TrainConfig:
                     "--init-adapter continues a file in its own architecture (leave --arch out), an ELLA / RouWei "
                     "module was never trained with CLIP tokens beside it, and its text side is not what the LLM-state "
                     "cache holds")
-        if self.model.arch != "ours" and self.stage == "distill":
-            raise TrainConfigError(
-                f"--arch {self.model.arch} with the distill stage: distillation regresses the adapter's context slot by "
-                "slot onto the base's own 77-token text-encoder context, and ELLA (64 latents) and RouWei (4 x 77 "
-                "tokens) have no slot that corresponds to a CLIP token; train them with an image preset "
-                "(e.g. --preset dynamic-kl)")
         if self.model.attention_backend not in ("sdpa", "xformers"):
             raise TrainConfigError(f"model.attention_backend must be sdpa or xformers, got {self.model.attention_backend!r}")
         self.arch.validate()

@@ -6,7 +6,7 @@
         --base-model ... --llm ... --data datasets/my-images --output-dir outputs/qwen-sd15
 
 What one step does:
-    captions (5% replaced by the empty prompt) -> template -> frozen LLM -> adapter -> context [B, N, C] (+ pooled)
+    captions (5% replaced by the empty prompt) -> text side -> frozen LLM -> adapter -> context [B, N, C] (+ pooled)
     the same captions -> the base model's own text encoder(s) -> teacher context (+ pooled), cached on disk
     loss = per-slot MSE + distill.cosine_weight x (1 - cosine per slot), over all N slots (training/losses.py)
 No image is read and the UNet never runs, so a step costs a few LLM and adapter forwards: minutes of text-only
@@ -17,6 +17,13 @@ Captions come from `distill.captions` (or `--data` when that is empty): a `.txt`
 a `.jsonl` file with one JSON object per line (key `data.caption_column`), or any dataset the image stage reads
 (image folder with .txt captions, a folder with metadata.jsonl, .tar shards), of which only the captions are used.
 Checkpoints, `--resume latest`, EMA and the exported `adapter.safetensors` work as in the image stage.
+
+Published architectures distill too (`--arch rouwei-gemma`, or `--init-adapter` on a RouWei file), through
+their own text side (training.conditioning.encode_for, the node's code). An adapter whose N is k times the
+teacher's 77 tokens (RouWei's 308 = 4 x 77) regresses each of its k chunks onto the teacher's context
+(`teacher_target`): cross-attention over k copies of a context equals attention over one, so that target
+makes the frozen UNet see exactly the teacher. An N that is no multiple of 77 (ELLA's 64 latents) has no
+such target and is refused before anything is computed.
 """
 from __future__ import annotations
 
@@ -31,8 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from adapter import encode_prompts
-from adapter.foreign import is_foreign
+from training.conditioning import encode_for
 from training.config import TrainConfig, TrainConfigError
 from training.distributed import end_run
 from training.data import DatasetError, decode_caption, find_candidates
@@ -162,6 +168,36 @@ class TeacherContexts:
         return context, pooled
 
 
+def teacher_target(context: torch.Tensor, tokens: int) -> torch.Tensor:
+    """The teacher's context [B, T, C] as a target for an adapter of `tokens` = k x T tokens: k copies in a row.
+
+    Exact, not an approximation: for any query, softmax attention over k copies of the keys gives each copy
+    1/k of the weight the single key had, so the attended sum, and so everything the UNet computes from its
+    context, is unchanged. ValueError when `tokens` is no multiple of T."""
+    if tokens % context.shape[1]:
+        raise ValueError(f"an adapter of {tokens} tokens has no slot-wise target in a {context.shape[1]}-token "
+                         "teacher context (it needs a multiple of it)")
+    return context.repeat(1, tokens // context.shape[1], 1)
+
+
+def check_distillable(adapter: nn.Module, llm, template, base: BaseModel, device, name: str) -> int:
+    """The adapter's token count, once checked to be a multiple of the teacher's (one empty-prompt forward of
+    each); TrainConfigError naming both counts and what to do otherwise."""
+    with torch.no_grad():
+        encoded = encode_for(adapter, llm, template, [""])
+        tokens = adapter(encoded.hidden_states, encoded.attention_mask, torch.zeros(1, dtype=torch.long, device=device)
+                         ).context.shape[1]
+        teacher_tokens = base.encode_clip([""], device)[0].shape[1]
+    if tokens % teacher_tokens:
+        raise TrainConfigError(
+            f"the distill stage regresses {name}'s {tokens} output tokens slot by slot onto the base's "
+            f"{teacher_tokens}-token text-encoder context (or k copies of it), and {tokens} is no multiple of "
+            f"{teacher_tokens}: train it with an image preset instead (e.g. --preset dynamic-kl, whose teacher term "
+            f"compares the UNet's outputs, not the slots), or, for a fresh ELLA module, give it "
+            f"--set ella.num_latents={teacher_tokens}")
+    return tokens
+
+
 @torch.no_grad()
 def start_from_teacher(adapter, teacher: TeacherContexts, captions: list[str], count: int, seed: int,
                        batch_size: int) -> None:
@@ -189,7 +225,8 @@ class Distiller(nn.Module):
 
     def forward(self, hidden_states, attention_mask, timesteps, teacher_context, teacher_pooled):
         out = self.adapter(hidden_states, attention_mask, timesteps)
-        loss, mse, cos_gap = distillation_loss(out.context, teacher_context, self.cosine_weight)
+        loss, mse, cos_gap = distillation_loss(out.context, teacher_target(teacher_context, out.context.shape[1]),
+                                               self.cosine_weight)
         logs = {"distill/context_mse": float(mse), "distill/context_1_minus_cos": float(cos_gap)}
         if teacher_pooled is not None and out.pooled is not None:
             pooled_loss, pooled_mse, _ = distillation_loss(out.pooled, teacher_pooled, self.cosine_weight)
@@ -207,11 +244,9 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
 
     # 1. Models: the base model is loaded for its text encoders (the teacher) and to check the adapter fits it.
     device, weight_dtype, out_dir, resume_from, base, llm, adapter = setup_run(cfg, rank, local_rank)
-    if is_foreign(adapter.config):  # their text sides run through the image stage only (conditioning.encode_for)
-        raise TrainConfigError(f"--init-adapter {Path(cfg.model.init_adapter).name} is a {adapter.config.preset} "
-                               f"({adapter.config.kind}) adapter: the distill stage trains this pack's own adapters; fine-tune "
-                               "it with an image preset instead (e.g. --preset dynamic-kl)")
-    template = adapter.config.template
+    template = getattr(adapter.config, "template", None)  # a published file's text side is its own (encode_for)
+    name = Path(cfg.model.init_adapter).name if cfg.model.init_adapter else f"the fresh {cfg.model.arch} adapter"
+    check_distillable(adapter, llm, template, base, device, name)
 
     # 2. Captions and the caches (each process its share, no communication yet).
     captions = read_captions(cfg.distill.captions or cfg.data.path, cfg.data.caption_column, cfg.data.name)
@@ -234,7 +269,8 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
     teacher.fill(everything, cfg.batch_size)
     if llm_states is not None:
         llm_states.fill(everything, cfg.batch_size)
-    if cfg.distill.start_per_channel and not cfg.model.init_adapter and resume_from is None:
+    # Only our adapter has start_at; a fresh ELLA / RouWei module starts from its own initialisation.
+    if cfg.distill.start_per_channel and not cfg.model.init_adapter and resume_from is None and hasattr(adapter, "start_at"):
         start_from_teacher(adapter, teacher, captions.samples, cfg.distill.start_captions, cfg.seed, cfg.batch_size)
 
     timer = PhaseTimer(device, cfg.time_phases)
@@ -268,7 +304,7 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
         with timer("teacher"):
             teacher_context, teacher_pooled = teacher.get(prompts)
         with timer("llm"), torch.no_grad():
-            encoded = llm_states.encode(prompts) if llm_states is not None else encode_prompts(llm, template, prompts)
+            encoded = llm_states.encode(prompts) if llm_states is not None else encode_for(adapter, llm, template, prompts)
         for group in optimizer.param_groups:
             group["lr"] = cfg.optim.lr * lr_factor(step, total, cfg.optim.warmup_steps, cfg.optim.schedule)
         with timer("student"):
@@ -296,7 +332,7 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
     meter.bar.close()
     accelerator.wait_for_everyone()
     if is_main:
-        export(cfg, raw, ema, base, captions, progress.step, out_dir, started_from)
+        export(cfg, raw, ema, base, llm, captions, progress.step, out_dir, started_from)
         write_timings(timer, meter, out_dir)
         meter.writer.close()
     end_run(rank, world, accelerator.wait_for_everyone, accelerator.end_training)  # as in the image stage

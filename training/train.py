@@ -596,7 +596,7 @@ def finish_image_stage(run: ImageRun, progress: Progress, meter: RunLog, started
         if cfg.validation.prompts and not (cfg.validation.every and progress.step % cfg.validation.every == 0):
             run_validation(cfg, run.base, run.raw.adapter, run.llm, run.dataset, run.device, meter.writer,
                            progress.step)  # the final images
-        export(cfg, run.raw, run.ema, run.base, run.dataset, progress.step, run.out_dir, started_from)
+        export(cfg, run.raw, run.ema, run.base, run.raw.frozen[1], run.dataset, progress.step, run.out_dir, started_from)
         write_timings(run.timer, meter, run.out_dir)
         meter.writer.close()
         if run.dataset.skipped:
@@ -687,10 +687,11 @@ def run_validation(cfg, base, adapter, llm, dataset, device, writer, step) -> No
             writer.add_image(f"validation/{i:02d}", np.asarray(image), step, dataformats="HWC")
 
 
-def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, dataset: Dataset, step: int, out_dir: Path,
-           started_from: Optional[dict] = None) -> None:
+def export(cfg: TrainConfig, raw: nn.Module, ema: Optional[EMA], base: BaseModel, llm, dataset: Dataset, step: int,
+           out_dir: Path, started_from: Optional[dict] = None) -> None:
     """<output_dir>/adapter.safetensors (EMA weights when EMA is on) with the run's provenance in its metadata:
-    names, never the trainer machine's paths, since the file is meant to be shared."""
+    names, never the trainer machine's paths, since the file is meant to be shared. `raw` is the unwrapped module
+    holding `.adapter` (the image stage's Student or the distill stage's Distiller)."""
     import copy
 
     adapter = copy.deepcopy(raw.adapter).eval()
@@ -721,7 +722,6 @@ def export(cfg: TrainConfig, raw: Student, ema: Optional[EMA], base: BaseModel, 
     }
     if is_foreign(adapter.config) and (cfg.model.export_format == "ours" or adapter.config.layout == OURS_LAYOUT):
         # our format, which records the text model and text side it was trained with
-        llm = raw.frozen[1]
         trained = dataclasses.replace(adapter.config, text=node_text_side(adapter.config, llm))  # the side encode_for ran
         path = save_adapter(out_dir / "adapter.safetensors", adapter, to_adapter_config(trained, llm.info, training))
     elif is_foreign(adapter.config):  # the key layout it came in, so the original packs and ours both load it

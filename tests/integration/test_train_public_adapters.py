@@ -155,6 +155,29 @@ def test_two_processes_fine_tune_a_published_file(tmp_path):
     assert load_foreign_adapter(exported).config.layout == "rouwei-fused"
 
 
+def test_a_published_rouwei_file_distills_and_keeps_its_layout(tmp_path):
+    """The distill stage on a RouWei file (2 x 77 tokens here, 4 x 77 published) on SDXL: its own Gemma text side,
+    context and pooled vector regressed onto the base's, exported in the fused layout it came in."""
+    from dataclasses import replace
+
+    original = write_random_rouwei(tmp_path / "rouwei.safetensors", replace(ROUWEI, target_seq_len=154), fused=True)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a red square\na blue circle\n", encoding="utf-8")
+    proc = run_train(train_command("sdxl", captions, tmp_path / "out", 2, "--preset", "distill", "--init-adapter",
+                                   str(original), "--llm", str(make_tiny_llm(family="gemma3"))))
+    assert proc.returncode == 0, proc.output
+    exported = tmp_path / "out/adapter.safetensors"
+    assert shapes_and_dtypes(exported) == shapes_and_dtypes(original)
+    assert load_foreign_adapter(exported).config.layout == "rouwei-fused"
+    with safe_open(str(exported), framework="pt") as f:
+        training = json.loads(f.metadata()[TRAINING_METADATA_KEY])
+    assert training["stage"] == "distill" and training["steps"] == 2 and training["loss"]["pooled_weight"] > 0
+    # the file changed, context and pooled head alike
+    before, after = load_file(str(original)), load_file(str(exported))
+    assert not torch.equal(before["narrow_attention_blocks.0.mlp.0.weight"], after["narrow_attention_blocks.0.mlp.0.weight"])
+    assert not torch.equal(before["pooled_projection.4.weight"], after["pooled_projection.4.weight"])
+
+
 def test_llm_state_cache_is_refused_for_a_published_file(tmp_path):
     original = write_random_ella(tmp_path / "ella.safetensors", ELLA)
     proc = run_train(train_command("sd15", tiny_dataset(tmp_path / "data", count=2), tmp_path / "out", 1,
