@@ -154,17 +154,21 @@ def _exchange(a: Path, b: Path) -> bool:
     return False
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Read a checkpoint back: {'trainable', 'ema' (or None), 'optimizer', 'state'}."""
+def load(path: Path, optimizer: bool = True) -> dict[str, Any]:
+    """Read a checkpoint back: {'trainable', 'ema' (or None), 'optimizer', 'state'}. `optimizer=False` leaves the
+    optimizer's file unread ('optimizer' is None): what reading a checkpoint's adapter needs."""
     if not (path / SENTINEL).is_file():
         raise CheckpointError(f"{path} is not a complete checkpoint (no {SENTINEL})")
-    with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
-        meta = json.loads(handle.metadata()["optimizer"])
+    optimizer_state = None
+    if optimizer:
+        with safe_open(str(path / "optimizer.safetensors"), framework="pt") as handle:
+            meta = json.loads(handle.metadata()["optimizer"])
+            optimizer_state = _optimizer_from_tensors({k: handle.get_tensor(k) for k in handle.keys()}, meta)
     ema_file = path / "ema.safetensors"
     return {
         "trainable": load_file(str(path / "trainable.safetensors")),
         "ema": load_file(str(ema_file)) if ema_file.is_file() else None,
-        "optimizer": _optimizer_from_tensors(load_file(str(path / "optimizer.safetensors")), meta),
+        "optimizer": optimizer_state,
         "state": json.loads((path / "state.json").read_text(encoding="utf-8")),
     }
 
@@ -183,7 +187,7 @@ def adapter_weights(parameters: dict[str, torch.Tensor],
 def load_checkpoint_adapter(checkpoint: str | Path) -> torch.nn.Module:
     """The adapter of a training checkpoint (fp32, eval mode), with the weights adapter_weights() picks: ours, or an
     ELLA / RouWei module trained from scratch (`--arch`; its AdapterConfig has `architecture`)."""
-    saved = load(Path(checkpoint))
+    saved = load(Path(checkpoint), optimizer=False)
     adapter = build_module(AdapterConfig.from_dict(saved["state"]["adapter_config"]))
     weights, _ = adapter_weights(saved["trainable"], saved["ema"])
     adapter.load_state_dict(weights, strict=True)

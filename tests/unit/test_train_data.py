@@ -89,6 +89,10 @@ def test_checkpoint_roundtrip_rotation_and_incomplete_ignored(tmp_path):
     opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=0.1)
     opt2.load_state_dict(loaded["optimizer"])
     assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    # reading the weights alone leaves the optimizer's file unopened (a bench reads many checkpoints' adapters)
+    (ckpt.latest(tmp_path) / "optimizer.safetensors").unlink()
+    weights_only = ckpt.load(ckpt.latest(tmp_path), optimizer=False)
+    assert weights_only["optimizer"] is None and torch.equal(weights_only["trainable"]["w"], p.detach())
     with pytest.raises(ckpt.CheckpointError, match="not a complete checkpoint"):
         ckpt.resolve_resume(str(ckpt.checkpoints_dir(tmp_path) / "step-00000009"), tmp_path)
     assert ckpt.resolve_resume("latest", tmp_path / "nothing") is None
