@@ -51,9 +51,13 @@ def test_missing_packages_say_what_to_install(monkeypatch):
         quant.bitsandbytes_config("8bit", CUDA, torch.float16)
 
 
-def test_bitsandbytes_is_really_absent_here():
-    """The environment these tests assume: without bitsandbytes, a CUDA request is refused with the install hint."""
-    assert not quant._installed("bitsandbytes")
+def test_package_detection_finds_what_is_installed_and_only_that():
+    assert quant._installed("torch") and not quant._installed("no_such_package_llm_diff")
+
+
+@pytest.mark.skipif(quant._installed("bitsandbytes"), reason="bitsandbytes is installed on this machine; the refusal "
+                                                              "without it is also checked with it reported absent")
+def test_without_bitsandbytes_a_cuda_request_is_refused_with_the_install_hint():
     with pytest.raises(LLMLoadError, match="pip install bitsandbytes"):
         quant.bitsandbytes_config("4bit", CUDA, torch.bfloat16)
 
