@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .fitting import loss_summary, optimizer_step
 from .scenes import PlacedObject, Sample, generate
@@ -71,11 +72,16 @@ class LMConfig:
     warmup: int = 30
     # share of the training captions that get a binding continuation (0 = plain captions, the shipped model)
     binding_continuations: float = 0.0
+    # loss weight of a continuation's answer word against 1 for every other token: about 1 token in 20 is an
+    # answer, the only one that needs the binding, so at 1 its signal is a few percent of the loss
+    answer_weight: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.binding_continuations <= 1.0:
             raise ValueError(f"binding_continuations is a share of the captions, in [0, 1]; got "
                              f"{self.binding_continuations}")
+        if not self.answer_weight > 0:
+            raise ValueError(f"answer_weight must be positive, got {self.answer_weight}")
 
     @classmethod
     def quick(cls) -> "LMConfig":
@@ -162,9 +168,10 @@ def _make_model(tokenizer, config: LMConfig):
     ))
 
 
-def _batch(tokenizer, captions: list[str]) -> dict[str, torch.Tensor]:
-    """Chat-rendered captions + EOS, right-padded; labels only on the caption and what follows it."""
-    rows, labels = [], []
+def _batch(tokenizer, captions: list[str], answer_weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """Chat-rendered captions + EOS, right-padded; labels only on the caption and what follows it; `weights`:
+    each label's loss weight, `answer_weight` on the answer word of a text with a binding continuation."""
+    rows, labels, weights = [], [], []
     prefix = len(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False).split("<|end|>")[0])
     for caption in captions:
         text = tokenizer.apply_chat_template([{"role": "user", "content": caption}], tokenize=False)
@@ -174,13 +181,36 @@ def _batch(tokenizer, captions: list[str]) -> dict[str, torch.Tensor]:
         first = next(i for i, (start, _) in enumerate(encoded["offset_mapping"]) if start >= prefix)
         rows.append(ids)
         labels.append([-100] * first + ids[first:])
+        weight = [0.0] * first + [1.0] * (len(ids) - first)
+        if has_continuation(caption):
+            weight[len(ids) - ANSWER_FROM_END] = answer_weight
+        weights.append(weight)
     length = max(map(len, rows))
     pad = lambda seq, value: seq + [value] * (length - len(seq))  # noqa: E731
     return {
         "input_ids": torch.tensor([pad(r, tokenizer.pad_token_id) for r in rows]),
         "attention_mask": torch.tensor([pad([1] * len(r), 0) for r in rows]),
         "labels": torch.tensor([pad(lab, -100) for lab in labels]),
+        "weights": torch.tensor([pad(w, 0.0) for w in weights]),
     }
+
+
+# a rendered row ends: ... answer "." <|end|> </s>
+ANSWER_FROM_END = 4
+
+
+def has_continuation(text: str) -> bool:
+    """Whether a training text carries a binding continuation ("caption . question answer .")."""
+    return text.endswith(" .") and " . " in text
+
+
+def weighted_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy, each label weighted by `batch['weights']` (normalised by their sum): with every
+    weight 1 it is the model's own mean loss."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+    labels, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
+    losses = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    return (losses * weights).sum() / weights.sum()
 
 
 @torch.no_grad()
@@ -191,7 +221,7 @@ def perplexity(model, tokenizer, captions: list[str], batch_size: int = 256) -> 
     for i in range(0, len(captions), batch_size):
         batch = _batch(tokenizer, captions[i:i + batch_size])
         n = int((batch["labels"][:, 1:] != -100).sum())  # the loss is averaged over shifted labels
-        total += float(model(**batch).loss) * n
+        total += float(model(**{k: v for k, v in batch.items() if k != "weights"}).loss) * n
         count += n
     return math.exp(total / count)
 
@@ -206,7 +236,10 @@ def train_lm(model, tokenizer, captions: list[str], config: LMConfig, seed: int)
     losses = []
     for step in range(config.steps):
         picks = torch.randint(len(captions), (config.batch_size,), generator=generator).tolist()
-        loss = model(**_batch(tokenizer, [captions[i] for i in picks])).loss
+        batch = _batch(tokenizer, [captions[i] for i in picks], config.answer_weight)
+        # the model's own loss unless answers are weighted, so the shipped LM is built as it always was
+        loss = (model(**{k: v for k, v in batch.items() if k != "weights"}).loss if config.answer_weight == 1
+                else weighted_loss(model, batch))
         losses.append(optimizer_step(loss, optimizer, schedule, clip_params=model.parameters()))
         if step % 100 == 0 or step == config.steps - 1:
             logger.info("tiny LM step %d/%d loss %.4f", step + 1, config.steps, losses[-1])
@@ -251,15 +284,14 @@ def continuation_accuracy(model, tokenizer, samples: list[Sample], seed: int) ->
     Every sample with a continuation is rendered "caption . question answer ." and the model is scored
     on the answer word alone (the last word before the final "."), greedy, given everything before it.
     """
-    texts = [t for t in training_texts(samples, 1.0, seed) if t.endswith(" .") and " . " in t]
+    texts = [t for t in training_texts(samples, 1.0, seed) if has_continuation(t)]
     if not texts:
         return float("nan")
     model.eval()
     batch = _batch(tokenizer, texts)
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     lengths = batch["attention_mask"].sum(1)
-    # row layout: ... answer "." <|end|> </s>; the answer sits 4 tokens before the end
-    answer_at = lengths - 4
+    answer_at = lengths - ANSWER_FROM_END
     rows = torch.arange(len(texts))
     predicted = logits[rows, answer_at - 1].argmax(-1)
     return float((predicted == batch["input_ids"][rows, answer_at]).float().mean())
@@ -271,6 +303,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, required=True, help="the LM folder to write (must not exist)")
     parser.add_argument("--binding-continuations", type=float, default=defaults.binding_continuations,
                         help="share of training captions that get a continuation only the binding predicts")
+    parser.add_argument("--answer-weight", type=float, default=defaults.answer_weight,
+                        help="loss weight of a continuation's answer word (other tokens: 1)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -279,9 +313,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     try:
-        config = replace(defaults, binding_continuations=args.binding_continuations, steps=args.steps)
+        config = replace(defaults, binding_continuations=args.binding_continuations, steps=args.steps,
+                         answer_weight=args.answer_weight)
     except ValueError as err:
-        parser.error(f"--binding-continuations: {err}")
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
     folder, stats = build_tiny_lm(args.out, config, args.seed)

@@ -68,6 +68,7 @@ def test_a_binding_lm_covers_the_continuation_words_and_loads_like_the_shipped_o
     (["--out", "{tmp}"], "already exists"),
     (["--out", "{tmp}/new", "--binding-continuations", "1.5"], "in [0, 1]"),
     (["--out", "{tmp}/new", "--steps", "0"], "--steps must be at least 1"),
+    (["--out", "{tmp}/new", "--answer-weight", "0"], "answer_weight must be positive"),
 ])
 def test_the_command_refuses_bad_arguments(tmp_path, capsys, argv, message):
     from bench.shapes.tiny_lm import main
@@ -75,3 +76,29 @@ def test_the_command_refuses_bad_arguments(tmp_path, capsys, argv, message):
     with pytest.raises(SystemExit):
         main([a.format(tmp=tmp_path) for a in argv])
     assert message in capsys.readouterr().err
+
+
+def test_the_answer_weight_lands_on_the_answer_word_only_and_is_the_plain_loss_at_one(tmp_path):
+    """`--answer-weight`: the weight sits on the continuation's answer ("red" in "... . the circle is red ."), on no
+    other token and on no caption without a continuation; at 1 the weighted loss is the model's own."""
+    from dataclasses import replace
+
+    import torch
+
+    from bench.shapes.tiny_lm import LMConfig, _batch, build_tiny_lm, weighted_loss
+    from adapter import load_llm
+
+    folder, _ = build_tiny_lm(tmp_path / "lm", replace(LMConfig.quick(), binding_continuations=1.0), seed=0)
+    llm = load_llm(folder)
+    texts = ["a red circle and a blue square . the circle is red .", "a red circle and a blue square"]
+    batch = _batch(llm.tokenizer, texts, answer_weight=5.0)
+    weighted = (batch["weights"] == 5.0).nonzero().tolist()
+    assert len(weighted) == 1 and weighted[0][0] == 0
+    assert llm.tokenizer.decode([int(batch["input_ids"][0, weighted[0][1]])]).strip() == "red"
+    assert torch.equal(batch["weights"] > 0, batch["labels"] != -100)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    plain = model(**{k: v for k, v in _batch(llm.tokenizer, texts).items() if k != "weights"}).loss
+    torch.testing.assert_close(weighted_loss(model, _batch(llm.tokenizer, texts)), plain)
+    assert not torch.allclose(weighted_loss(model, batch), plain)
