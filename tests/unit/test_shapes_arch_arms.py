@@ -28,4 +28,23 @@ def test_every_arm_differs_from_ours_only_by_its_architecture_flags():
     assert ARMS["ours"] == ()
     for arm, flags in ARMS.items():
         if arm != "ours":
-            assert flags[:2] == ("--arch", "ella" if arm == "ella" else "rouwei-gemma")
+            assert flags[:2] == ("--arch", "ella" if arm.startswith("ella") else "rouwei-gemma")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--distill-steps", "-1"], "--distill-steps must be >= 0"),
+    (["--distill-steps", "600", "--arms", "ours", "ella"], "use the ella-77 arm"),
+])
+def test_bad_distillation_settings_are_refused_before_any_work(argv, message, capsys):
+    from bench.shapes.arch_arms import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert message in capsys.readouterr().err
+
+
+def test_a_distilled_start_trains_into_its_own_run_folder(tmp_path):
+    from bench.shapes.arch_arms import run_dir
+
+    assert run_dir(tmp_path, "ella-77", 1).name == "ella-77-s1"
+    assert run_dir(tmp_path, "ella-77", 1, distill_steps=600).name == "ella-77-from-distill-s1"
