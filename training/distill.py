@@ -245,7 +245,8 @@ def distill(cfg: TrainConfig, rank: int, world: int, local_rank: int, started_fr
     # 1. Models: the base model is loaded for its text encoders (the teacher) and to check the adapter fits it.
     device, weight_dtype, out_dir, resume_from, base, llm, adapter = setup_run(cfg, rank, local_rank)
     template = getattr(adapter.config, "template", None)  # a published file's text side is its own (encode_for)
-    name = Path(cfg.model.init_adapter).name if cfg.model.init_adapter else f"the fresh {cfg.model.arch} adapter"
+    name = (Path(cfg.model.init_adapter).name if cfg.model.init_adapter
+            else "the fresh adapter" if cfg.model.arch == "ours" else f"the fresh {cfg.model.arch} module")
     check_distillable(adapter, llm, template, base, device, name)
 
     # 2. Captions and the caches (each process its share, no communication yet).
