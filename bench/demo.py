@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
     from tqdm.auto import tqdm
 
     from bench.shapes import evaluate as ev
-    from bench.shapes.assets import ensure_assets
+    from bench.shapes.assets import ensure_assets, teacher_kind
     from bench.shapes.pipeline import ensure_train_data, train_adapter
     from bench.shapes.report import comparison_grid, markdown_table
     from bench.shapes.scenes import heldout_prompts
@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> Path:
     base, llm = ev.load_base_and_llm(assets)
     adapter = load_adapter(run / "adapter.safetensors")
     prompts = heldout_prompts(args.prompts)
-    arms = {"teacher (bag of words)": ev.teacher_conditioning(base), "adapter (tiny LM, all layers)": ev.adapter_conditioning(adapter, llm)}
+    kind = teacher_kind(assets)
+    arms = {f"teacher ({kind})": ev.teacher_conditioning(base), "adapter (tiny LM, all layers)": ev.adapter_conditioning(adapter, llm)}
     images, checks = {}, {}
     for name, conditioning in arms.items():
         images[name], checks[name] = ev.alignment(base, conditioning, prompts, args.sampler_steps, args.guidance,
@@ -182,8 +183,8 @@ def main(argv: list[str] | None = None) -> Path:
     report = [
         "# make demo: the shapes benchmark on this machine", "",
         f"An adapter for a tiny decoder-only LM ({assets / 'tiny-lm'}) trained with {recipe(args.distill_steps, args.steps)} "
-        f"on the frozen tiny base model, against that base model's own bag-of-words text "
-        f"encoder (the weak teacher). {len(prompts)} held-out prompts (attribute combinations never seen in training), "
+        f"on the frozen tiny base model, against that base model's own text encoder, a {kind} "
+        f"(the weak teacher). {len(prompts)} held-out prompts (attribute combinations never seen in training), "
         f"one image each, DDIM {args.sampler_steps} steps, guidance {args.guidance}, the same noise for both. "
         "Accuracy per check of the exact scorer; the difference has a 95% bootstrap interval over prompts "
         "(one training seed: the full study, `make bench-shapes`, adds seeds).", "",

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ASSETS_VERSION", "DEFAULT_DIR", "build_assets", "ensure_assets", "read_manifest"]
+__all__ = ["ASSETS_VERSION", "DEFAULT_DIR", "build_assets", "ensure_assets", "read_manifest", "teacher_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +74,12 @@ def read_manifest(folder: str | Path) -> dict:
         raise FileNotFoundError(f"{folder} has no {MANIFEST}: it is not a finished shapes-assets folder; "
                                 f"build it with `make shapes-assets` (python -m bench.shapes.assets --out {folder})")
     return json.loads(path.read_text(encoding="utf-8"))
+
+
+def teacher_kind(folder: str | Path) -> str:
+    """What the base's own text encoder is, in words: "bag of words" (the shipped base) or "toy CLIP" (--toy-clip)."""
+    return "bag of words" if read_manifest(folder)["base"].get("text_side", "bag-of-words") == "bag-of-words" \
+        else "toy CLIP"
 
 
 def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = False, force: bool = False,

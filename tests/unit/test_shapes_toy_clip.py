@@ -112,7 +112,8 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     (the UNet learnt to read it, it did not learn with it), its VAE is B's, and the manifest says so."""
     from safetensors.torch import load_file
 
-    from bench.shapes.assets import ASSETS_VERSION, BASE_FOLDER, build_assets, ensure_assets, read_manifest
+    from bench.shapes.assets import (ASSETS_VERSION, BASE_FOLDER, build_assets, ensure_assets, read_manifest,
+                                     teacher_kind)
     from bench.shapes.toy_clip import save, train_toy_clip
     from devkit.cache import cache_dir
 
@@ -137,6 +138,7 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     manifest = read_manifest(out)
     assert manifest["base"]["text_side"] == "frozen: clip" and manifest["base"]["vae"]["reused_from"] == BASE_FOLDER
     assert manifest["base"]["toy_clip"]["config"]["width"] == config.width
+    assert (teacher_kind(out), teacher_kind(reference)) == ("toy CLIP", "bag of words")  # what reports call the teacher
     assert ensure_assets(out, quick=True) == out  # a finished toy-CLIP folder is reused as it is
     with pytest.raises(ValueError, match="--toy-clip"):
         ensure_assets(out, seed=1, quick=True)  # ...and never silently rebuilt on the bag of words
