@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> Path:
         values = {a: [[c[check] for c in checks[a] if check in c]] for a in arms}
         for a in arms:
             metrics["arms"].setdefault(a, {})[check] = mean_ci(values[a])
+            # per prompt (those the check applies to), so runs of several seeds can be pooled (bench/demo_seeds.py)
+            metrics.setdefault("per_prompt", {}).setdefault(a, {})[check] = values[a][0]
         diff = paired_ci(values[ours], values[teacher])
         rows.append([check, int(len(values[ours][0])), metrics["arms"][teacher][check][0],
                      metrics["arms"][ours][check][0], f"{diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]"])

@@ -42,6 +42,9 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
     assert metrics["prompts"] == 6 and set(metrics["arms"]) == {"teacher (bag of words)", "adapter (tiny LM, all layers)"}
     for arm in metrics["arms"].values():
         assert {"colour", "shape", "binding", "overall"} <= set(arm)
+    # per prompt too, for pooling seeds (bench/demo_seeds.py): the mean of each list is the table's figure
+    for name, arm in metrics["per_prompt"].items():
+        assert len(arm["colour"]) == 6 and sum(arm["colour"]) / 6 == pytest.approx(metrics["arms"][name]["colour"][0])
     assert set(metrics["eps_mse_val"].values()) and all(v > 0 for v in metrics["eps_mse_val"].values())
     run = Path(metrics["adapter_run"])
     assert (run / "adapter.safetensors").is_file() and ("--preset dynamic-kl" in (run / "train.log").read_text() or

@@ -1,0 +1,31 @@
+"""bench/demo_seeds.py: the demo's per-prompt results of several seeds pooled into one paired interval."""
+import pytest
+
+from bench.demo_seeds import pool, results_markdown
+
+
+def _metrics(teacher, adapter, gain):
+    return {"prompts": len(teacher), "recovered_gain": gain,
+            "arms": {"teacher (toy CLIP)": {}, "adapter (tiny LM, all layers)": {}},
+            "per_prompt": {"teacher (toy CLIP)": {"colour": teacher}, "adapter (tiny LM, all layers)": {"colour": adapter}}}
+
+
+def test_seeds_pool_into_one_paired_difference_over_seeds_and_prompts():
+    pooled = pool({0: _metrics([0.0, 1.0, 0.5, 0.5], [0.5, 1.0, 1.0, 0.5], 1.1),
+                   1: _metrics([1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 0.5, 0.0], 1.0)})
+    colour = pooled["checks"]["colour"]
+    assert (pooled["teacher"], pooled["adapter"]) == ("teacher (toy CLIP)", "adapter (tiny LM, all layers)")
+    assert colour["teacher"] == pytest.approx(0.5) and colour["adapter"] == pytest.approx(0.6875)
+    mean, low, high = colour["adapter_minus_teacher"]
+    assert mean == pytest.approx(0.1875) and 0 <= low <= mean <= high <= 0.5  # never below: no prompt got worse
+    assert pooled["recovered_gain"] == [1.1, 1.0] and pooled["seeds"] == [0, 1]
+    text = results_markdown(pooled, "python -m bench.demo_seeds --seeds 0 1")
+    assert "| colour | 4 | 0.500 | 0.688 | +0.188 [" in text and "R per seed: 1.100, 1.000" in text
+
+
+def test_one_seed_is_refused(capsys):
+    from bench.demo_seeds import main
+
+    with pytest.raises(SystemExit):
+        main(["--seeds", "3", "3"])
+    assert "at least two seeds" in capsys.readouterr().err
