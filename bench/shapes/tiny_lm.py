@@ -20,6 +20,11 @@ same code path, chat template and user-span search included.
   "a red circle and a blue square . the circle is red ." (`binding_continuation`), inside the caption
   span, so the loss covers it. Next-token prediction of captions alone never needs "which colour goes with
   which object"; this makes the LM's states carry it. The adapter still sees plain captions.
+- All pairings (`LMConfig.all_pairings`, off in the shipped model): the LM's training text is drawn over every
+  colour-shape pairing and relation, the held-out ones included, as a real LLM's pretraining text mentions
+  white triangles whatever a diffusion dataset holds out. The images (UNet, adapter data) keep the split.
+  Without it, an LM can answer "the triangle is" from the colours triangles had in training instead of
+  reading the caption, and held-out pairings are exactly where that memorised prior is wrong.
 
     folder, stats = build_tiny_lm("assets/shapes/tiny-lm", LMConfig(), seed=0)
     python -m bench.shapes.tiny_lm --out outputs/tiny-lm-binding --binding-continuations 0.5 [--steps 600]
@@ -40,9 +45,10 @@ import torch.nn.functional as F
 
 from .fitting import loss_summary, optimizer_step
 from .scenes import PlacedObject, Sample, generate
+from .splits import HELDOUT, HeldOut
 
 __all__ = ["CHAT_TEMPLATE", "CONTINUATION_WORDS", "SPECIAL_TOKENS", "LMConfig", "binding_continuation",
-           "build_tiny_lm", "build_tokenizer", "train_lm"]
+           "build_tiny_lm", "build_tokenizer", "text_samples", "train_lm"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,6 +81,8 @@ class LMConfig:
     # loss weight of a continuation's answer word against 1 for every other token: about 1 token in 20 is an
     # answer, the only one that needs the binding, so at 1 its signal is a few percent of the loss
     answer_weight: float = 1.0
+    # draw the training text over every pairing, the held-out ones included (see the module docstring)
+    all_pairings: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.binding_continuations <= 1.0:
@@ -247,12 +255,19 @@ def train_lm(model, tokenizer, captions: list[str], config: LMConfig, seed: int)
     return loss_summary(losses, "final_train_loss")
 
 
+def text_samples(config: LMConfig, seed: int) -> list[Sample]:
+    """The scenes whose captions the LM trains on: the train split, or every combination with `all_pairings`."""
+    # an empty held-out set makes the "train" split every combination
+    text_split = HeldOut(frozenset(), frozenset()) if config.all_pairings else HELDOUT
+    return generate("train", config.train_captions, seed, heldout=text_split)
+
+
 def build_tiny_lm(dest: str | Path, config: LMConfig = LMConfig(), seed: int = 0) -> tuple[Path, dict]:
     """Train tokenizer and model on train-split captions and save the HF folder at `dest` (must not exist)."""
     dest = Path(dest)
     start = time.perf_counter()
     torch.manual_seed(seed)
-    captions = training_texts(generate("train", config.train_captions, seed), config.binding_continuations, seed)
+    captions = training_texts(text_samples(config, seed), config.binding_continuations, seed)
     tokenizer = build_tokenizer(captions + [CONTINUATION_WORDS] if config.binding_continuations else captions)
     model = _make_model(tokenizer, config)
     stats = train_lm(model, tokenizer, captions, config, seed)
@@ -305,6 +320,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="share of training captions that get a continuation only the binding predicts")
     parser.add_argument("--answer-weight", type=float, default=defaults.answer_weight,
                         help="loss weight of a continuation's answer word (other tokens: 1)")
+    parser.add_argument("--all-pairings", action="store_true",
+                        help="train on text over every colour-shape pairing and relation, the held-out ones included")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -314,7 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     try:
         config = replace(defaults, binding_continuations=args.binding_continuations, steps=args.steps,
-                         answer_weight=args.answer_weight)
+                         answer_weight=args.answer_weight, all_pairings=args.all_pairings)
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

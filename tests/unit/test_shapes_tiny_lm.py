@@ -50,6 +50,22 @@ def test_training_texts_are_deterministic_and_only_extend_two_object_captions():
     assert sum(t != c for t, c in zip(training_texts(samples, 1.0, 0), captions)) > len(extended)
 
 
+def test_all_pairings_text_holds_the_held_out_combinations_the_default_text_never_does():
+    """`--all-pairings`: the LM's text covers the pairings the images hold out; by default none of them."""
+    from dataclasses import replace
+
+    from bench.shapes.splits import HELDOUT
+    from bench.shapes.tiny_lm import LMConfig, text_samples
+
+    config = replace(LMConfig.quick(), train_captions=300)
+    default = text_samples(config, seed=0)
+    everything = text_samples(replace(config, all_pairings=True), seed=0)
+    assert not any(HELDOUT.combinations_in(s.spec) for s in default)
+    held = [s for s in everything if HELDOUT.combinations_in(s.spec)]
+    # 3 of the 18 colour-shape pairings and 4 ordered relations are held out: many of 300 scenes assert one
+    assert len(held) >= 10 and len(everything) == len(default) == 300
+
+
 def test_a_binding_lm_covers_the_continuation_words_and_loads_like_the_shipped_one(tmp_path):
     from dataclasses import replace
 
