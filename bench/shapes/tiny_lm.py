@@ -19,7 +19,8 @@ same code path, chat template and user-span search included.
   two-object training captions gets a sentence about its scene that only the binding predicts,
   "a red circle and a blue square . the circle is red ." (`binding_continuation`), inside the caption
   span, so the loss covers it. Next-token prediction of captions alone never needs "which colour goes with
-  which object"; this makes the LM's states carry it. The adapter still sees plain captions.
+  which object"; these questions do. Measured, they teach the LM to look the answer up when asked rather than
+  to store the binding in the caption's states (docs/shapes_oracle_probe.md). The adapter sees plain captions.
 - All pairings (`LMConfig.all_pairings`, off in the shipped model): the LM's training text is drawn over every
   colour-shape pairing and relation, the held-out ones included, as a real LLM's pretraining text mentions
   white triangles whatever a diffusion dataset holds out. The images (UNet, adapter data) keep the split.
@@ -263,7 +264,7 @@ def text_samples(config: LMConfig, seed: int) -> list[Sample]:
 
 
 def build_tiny_lm(dest: str | Path, config: LMConfig = LMConfig(), seed: int = 0) -> tuple[Path, dict]:
-    """Train tokenizer and model on train-split captions and save the HF folder at `dest` (must not exist)."""
+    """Train tokenizer and model on `text_samples`' captions and save the HF folder at `dest` (must not exist)."""
     dest = Path(dest)
     start = time.perf_counter()
     torch.manual_seed(seed)
