@@ -26,9 +26,15 @@ same code path, chat template and user-span search included.
   white triangles whatever a diffusion dataset holds out. The images (UNet, adapter data) keep the split.
   Without it, an LM can answer "the triangle is" from the colours triangles had in training instead of
   reading the caption, and held-out pairings are exactly where that memorised prior is wrong.
+- Binding auxiliary loss (`LMConfig.binding_aux`, off in the shipped model): a linear head on the last block's
+  state at each noun of a two-object caption predicts that object's colour, trained with the LM and thrown
+  away after. It asks the caption's own states, the ones the adapter reads, to hold the binding, where real
+  LLMs are known to keep it. Labels exist only for pairings outside the held-out split, so a probe's score on
+  held-out pairings (bench.shapes.probe) still measures a binding the LM computes, not one it was shown.
 
     folder, stats = build_tiny_lm("assets/shapes/tiny-lm", LMConfig(), seed=0)
     python -m bench.shapes.tiny_lm --out outputs/tiny-lm-binding --binding-continuations 0.5 [--steps 600]
+    python -m bench.shapes.tiny_lm --out outputs/tiny-lm-aux --binding-aux 1.0 [--all-pairings]
 """
 from __future__ import annotations
 
@@ -49,7 +55,7 @@ from .scenes import PlacedObject, Sample, generate
 from .splits import HELDOUT, HeldOut
 
 __all__ = ["CHAT_TEMPLATE", "CONTINUATION_WORDS", "SPECIAL_TOKENS", "LMConfig", "binding_continuation",
-           "build_tiny_lm", "build_tokenizer", "text_samples", "train_lm"]
+           "build_tiny_lm", "build_tokenizer", "noun_colours", "text_samples", "train_lm"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +90,8 @@ class LMConfig:
     answer_weight: float = 1.0
     # draw the training text over every pairing, the held-out ones included (see the module docstring)
     all_pairings: bool = False
+    # weight of the binding auxiliary loss against the next-token loss (0 = off; see the module docstring)
+    binding_aux: float = 0.0
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.binding_continuations <= 1.0:
@@ -91,6 +99,8 @@ class LMConfig:
                              f"{self.binding_continuations}")
         if not self.answer_weight > 0:
             raise ValueError(f"answer_weight must be positive, got {self.answer_weight}")
+        if not self.binding_aux >= 0:
+            raise ValueError(f"binding_aux is a loss weight, 0 (off) or positive; got {self.binding_aux}")
 
     @classmethod
     def quick(cls) -> "LMConfig":
@@ -179,8 +189,9 @@ def _make_model(tokenizer, config: LMConfig):
 
 def _batch(tokenizer, captions: list[str], answer_weight: float = 1.0) -> dict[str, torch.Tensor]:
     """Chat-rendered captions + EOS, right-padded; labels only on the caption and what follows it; `weights`:
-    each label's loss weight, `answer_weight` on the answer word of a text with a binding continuation."""
-    rows, labels, weights = [], [], []
+    each label's loss weight, `answer_weight` on the answer word of a text with a binding continuation;
+    `colours`: the binding auxiliary loss's labels (`noun_colours`)."""
+    rows, labels, weights, colours = [], [], [], []
     prefix = len(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False).split("<|end|>")[0])
     for caption in captions:
         text = tokenizer.apply_chat_template([{"role": "user", "content": caption}], tokenize=False)
@@ -194,6 +205,7 @@ def _batch(tokenizer, captions: list[str], answer_weight: float = 1.0) -> dict[s
         if has_continuation(caption):
             weight[len(ids) - ANSWER_FROM_END] = answer_weight
         weights.append(weight)
+        colours.append(noun_colours(tokenizer, caption, ids, first))
     length = max(map(len, rows))
     pad = lambda seq, value: seq + [value] * (length - len(seq))  # noqa: E731
     return {
@@ -201,7 +213,26 @@ def _batch(tokenizer, captions: list[str], answer_weight: float = 1.0) -> dict[s
         "attention_mask": torch.tensor([pad([1] * len(r), 0) for r in rows]),
         "labels": torch.tensor([pad(lab, -100) for lab in labels]),
         "weights": torch.tensor([pad(w, 0.0) for w in weights]),
+        "colours": torch.tensor([pad(c, -100) for c in colours]),
     }
+
+
+def noun_colours(tokenizer, text: str, ids: list[int], start: int) -> list[int]:
+    """Per token of `ids`: the colour index (captions.COLOURS) of the object whose noun sits there, for the two
+    objects of a pair or relation caption (the text before any continuation); -100 at every other token and at
+    a noun whose colour-shape pairing is held out, so no held-out binding is ever a training label."""
+    from .captions import COLOURS
+    from .probe import binding_objects, noun_positions, single_token_id
+
+    labels = [-100] * len(ids)
+    found = binding_objects([text.split(" . ")[0] if has_continuation(text) else text])
+    if found:
+        objects = found[0][1]
+        where = noun_positions(ids, [single_token_id(tokenizer, o.shape) for o in objects], start)
+        for o, at in zip(objects, where):
+            if (o.colour, o.shape) not in HELDOUT.colour_shapes:
+                labels[at] = COLOURS.index(o.colour)
+    return labels
 
 
 # a rendered row ends: ... answer "." <|end|> </s>
@@ -213,13 +244,20 @@ def has_continuation(text: str) -> bool:
     return text.endswith(" .") and " . " in text
 
 
-def weighted_loss(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Next-token cross-entropy, each label weighted by `batch['weights']` (normalised by their sum): with every
-    weight 1 it is the model's own mean loss."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+def weighted_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Next-token cross-entropy of the model's `logits` [B, T, V], each label weighted by `batch['weights']`
+    (normalised by their sum): with every weight 1 it is the model's own mean loss."""
     labels, weights = batch["labels"][:, 1:], batch["weights"][:, 1:]
-    losses = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    losses = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
     return (losses * weights).sum() / weights.sum()
+
+
+def binding_aux_loss(head: torch.nn.Linear, last_states: torch.Tensor, colours: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of `head` on the last block's states [B, T, H] at the labelled nouns (0 if none is)."""
+    labelled = colours != -100
+    if not labelled.any():
+        return last_states.sum() * 0
+    return F.cross_entropy(head(last_states[labelled]).float(), colours[labelled])
 
 
 @torch.no_grad()
@@ -230,30 +268,47 @@ def perplexity(model, tokenizer, captions: list[str], batch_size: int = 256) -> 
     for i in range(0, len(captions), batch_size):
         batch = _batch(tokenizer, captions[i:i + batch_size])
         n = int((batch["labels"][:, 1:] != -100).sum())  # the loss is averaged over shifted labels
-        total += float(model(**{k: v for k, v in batch.items() if k != "weights"}).loss) * n
+        total += float(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                             labels=batch["labels"]).loss) * n
         count += n
     return math.exp(total / count)
 
 
 def train_lm(model, tokenizer, captions: list[str], config: LMConfig, seed: int) -> dict:
     """AdamW with linear warmup and cosine decay over `config.steps` batches; returns loss statistics."""
+    from .captions import COLOURS
+
     generator = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=0.01)
+    # the binding head is trained with the LM and not saved: the LM folder stays a plain Llama
+    head = torch.nn.Linear(config.hidden_size, len(COLOURS)) if config.binding_aux else None
+    params = list(model.parameters()) + (list(head.parameters()) if head is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / config.warmup) * 0.5
                                                  * (1 + math.cos(math.pi * min(step / config.steps, 1.0))))
     model.train()
-    losses = []
+    losses, aux_losses = [], []
     for step in range(config.steps):
         picks = torch.randint(len(captions), (config.batch_size,), generator=generator).tolist()
         batch = _batch(tokenizer, [captions[i] for i in picks], config.answer_weight)
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                    output_hidden_states=head is not None)
         # the model's own loss unless answers are weighted, so the shipped LM is built as it always was
-        loss = (model(**{k: v for k, v in batch.items() if k != "weights"}).loss if config.answer_weight == 1
-                else weighted_loss(model, batch))
-        losses.append(optimizer_step(loss, optimizer, schedule, clip_params=model.parameters()))
+        loss = out.loss if config.answer_weight == 1 else weighted_loss(out.logits, batch)
+        if head is not None:
+            # hidden_states[-1] is the last block's state after the final norm: a per-feature rescaling of what
+            # the probe's lm-last reader sees, which a linear map absorbs
+            aux = binding_aux_loss(head, out.hidden_states[-1], batch["colours"])
+            aux_losses.append(float(aux.detach()))
+            loss = loss + config.binding_aux * aux
+        losses.append(optimizer_step(loss, optimizer, schedule, clip_params=params))
         if step % 100 == 0 or step == config.steps - 1:
-            logger.info("tiny LM step %d/%d loss %.4f", step + 1, config.steps, losses[-1])
+            logger.info("tiny LM step %d/%d loss %.4f%s", step + 1, config.steps, losses[-1],
+                        f" (binding aux {aux_losses[-1]:.4f})" if aux_losses else "")
     model.eval()
-    return loss_summary(losses, "final_train_loss")
+    stats = loss_summary(losses, "final_train_loss")
+    if aux_losses:
+        stats["final_binding_aux_loss"] = loss_summary(aux_losses, "final")["final"]
+    return stats
 
 
 def text_samples(config: LMConfig, seed: int) -> list[Sample]:
@@ -323,6 +378,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="loss weight of a continuation's answer word (other tokens: 1)")
     parser.add_argument("--all-pairings", action="store_true",
                         help="train on text over every colour-shape pairing and relation, the held-out ones included")
+    parser.add_argument("--binding-aux", type=float, default=defaults.binding_aux,
+                        help="weight of an auxiliary loss asking each noun's state for its object's colour (0: off)")
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -332,7 +389,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     try:
         config = replace(defaults, binding_continuations=args.binding_continuations, steps=args.steps,
-                         answer_weight=args.answer_weight, all_pairings=args.all_pairings)
+                         answer_weight=args.answer_weight, all_pairings=args.all_pairings,
+                         binding_aux=args.binding_aux)
     except ValueError as err:
         parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

@@ -115,6 +115,47 @@ def test_the_answer_weight_lands_on_the_answer_word_only_and_is_the_plain_loss_a
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
-    plain = model(**{k: v for k, v in _batch(llm.tokenizer, texts).items() if k != "weights"}).loss
-    torch.testing.assert_close(weighted_loss(model, _batch(llm.tokenizer, texts)), plain)
-    assert not torch.allclose(weighted_loss(model, batch), plain)
+    plain_batch = _batch(llm.tokenizer, texts)
+    out = model(input_ids=plain_batch["input_ids"], attention_mask=plain_batch["attention_mask"],
+                labels=plain_batch["labels"])
+    torch.testing.assert_close(weighted_loss(out.logits, plain_batch), out.loss)
+    assert not torch.allclose(weighted_loss(out.logits, batch), out.loss)
+
+
+def test_binding_aux_labels_sit_on_each_noun_with_its_colour_and_never_on_a_held_out_pairing(tmp_path):
+    """`--binding-aux`: the colour labels mark the two nouns of a pair or relation caption (also before a
+    continuation), nothing else, and no held-out colour-shape pairing (so a probe on those stays a real test)."""
+    from dataclasses import replace
+
+    from adapter import load_llm
+    from bench.shapes.captions import COLOURS
+    from bench.shapes.splits import HELDOUT
+    from bench.shapes.tiny_lm import LMConfig, _batch, build_tiny_lm
+
+    folder, _ = build_tiny_lm(tmp_path / "lm", replace(LMConfig.quick(), binding_continuations=1.0), seed=0)
+    tokenizer = load_llm(folder).tokenizer
+    colour, shape = sorted(HELDOUT.colour_shapes)[0]
+    other = next(c for c in COLOURS if (c, "circle") not in HELDOUT.colour_shapes and c != colour)
+    texts = ["a red circle and a green square . the circle is red .", f"a {colour} {shape} and a {other} circle",
+             "a small red circle in the top left", "two blue squares"]
+    batch = _batch(tokenizer, texts)
+    words = lambda row: [tokenizer.decode([int(batch["input_ids"][row, t])]).strip()  # noqa: E731
+                         for t in (batch["colours"][row] != -100).nonzero().flatten().tolist()]
+    labelled = lambda row: [COLOURS[int(c)] for c in batch["colours"][row] if c != -100]  # noqa: E731
+    # the caption's nouns only, not the continuation's "circle"
+    assert words(0) == ["circle", "square"] and labelled(0) == ["red", "green"]
+    assert words(1) == ["circle"] and labelled(1) == [other]  # the held-out pairing gets no label
+    assert labelled(2) == [] and labelled(3) == []  # one-object and count captions bind nothing
+
+
+def test_a_binding_aux_lm_trains_its_head_and_saves_a_plain_llama(tmp_path):
+    from dataclasses import replace
+
+    from adapter import load_llm
+    from bench.shapes.tiny_lm import LMConfig, build_tiny_lm, main
+
+    folder, stats = build_tiny_lm(tmp_path / "lm", replace(LMConfig.quick(), binding_aux=1.0, steps=3), seed=0)
+    assert np.isfinite(stats["final_binding_aux_loss"]) and stats["config"]["binding_aux"] == 1.0
+    assert load_llm(folder).hidden_states is not None  # loads like any Llama: the head was not saved
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path / "new"), "--binding-aux", "-1"])
