@@ -187,14 +187,17 @@ def check_distillable(adapter: nn.Module, llm, template, base: BaseModel, device
         encoded = encode_for(adapter, llm, template, [""])
         tokens = adapter(encoded.hidden_states, encoded.attention_mask, torch.zeros(1, dtype=torch.long, device=device)
                          ).context.shape[1]
-        teacher_tokens = base.encode_clip([""], device)[0].shape[1]
-    if tokens % teacher_tokens:
+        teacher = base.encode_clip([""], device)[0]
+    try:
+        teacher_target(teacher, tokens)
+    except ValueError:
+        teacher_tokens = teacher.shape[1]
         raise TrainConfigError(
             f"the distill stage regresses {name}'s {tokens} output tokens slot by slot onto the base's "
             f"{teacher_tokens}-token text-encoder context (or k copies of it), and {tokens} is no multiple of "
             f"{teacher_tokens}: train it with an image preset instead (e.g. --preset dynamic-kl, whose teacher term "
             f"compares the UNet's outputs, not the slots), or, for a fresh ELLA module, give it "
-            f"--set ella.num_latents={teacher_tokens}")
+            f"--set ella.num_latents={teacher_tokens}") from None
     return tokens
 
 
