@@ -2,6 +2,7 @@
 
     python -m bench.shapes.assets [--out assets/shapes] [--seed 0] [--quick] [--force]
                                   [--toy-clip FOLDER] [--vae-from BASE_FOLDER]
+                                  [--lm-from LM_FOLDER] [--base-from ASSETS_FOLDER]
 
 writes
     <out>/tiny-lm/           Hugging Face folder: a 4-block Llama + word-level tokenizer with a chat template
@@ -20,6 +21,10 @@ seconds, for tests only: they are untrained and useless for measurements.
 tokenizer and text encoder (`python -m bench.shapes.toy_clip`) are frozen and the UNet learns to read
 them, as SD's UNet learnt to read CLIP. `--vae-from BASE_FOLDER` reuses an already built base's VAE
 (30 CPU-minutes saved; bases that differ only in their text side then share the same latents).
+`--lm-from LM_FOLDER` takes an LM built by `python -m bench.shapes.tiny_lm` (e.g. a binding LM) instead of
+training the default one, and `--base-from ASSETS_FOLDER` an already built folder's base, teacher scores and
+samples instead of training a base: together they pair a new LM with a built base in seconds, and the
+manifest records where each part came from.
 """
 from __future__ import annotations
 
@@ -83,8 +88,10 @@ def teacher_kind(folder: str | Path) -> str:
 
 
 def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = False, force: bool = False,
-                 threads: int = 1, toy_clip: str | Path | None = None, vae_from: str | Path | None = None) -> Path:
-    """Train both models, evaluate them, write the manifest; returns `out`. Refuses to overwrite unless force."""
+                 threads: int = 1, toy_clip: str | Path | None = None, vae_from: str | Path | None = None,
+                 lm_from: str | Path | None = None, base_from: str | Path | None = None) -> Path:
+    """Train both models (or copy them: `lm_from`, `base_from`), evaluate the base, write the manifest; returns
+    `out`. Refuses to overwrite unless force."""
     import torch
     import diffusers
     import transformers
@@ -96,6 +103,7 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to rebuild it, or use it as it is")
+    _check_parts(lm_from, base_from, seed, quick, toy_clip, vae_from)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -104,20 +112,29 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
     start = time.perf_counter()
     try:
         with _reproducible(threads):
-            _, lm_stats = build_tiny_lm(tmp / LM_FOLDER, lm_config, seed)
-            base_folder, base_stats = build_tiny_base(tmp / BASE_FOLDER, base_config, seed,
-                                                      text_side_from=toy_clip, vae_from=vae_from)
-            if toy_clip is not None:
-                base_stats["toy_clip"] = json.loads((Path(toy_clip) / "stats.json").read_text(encoding="utf-8"))
-            t0 = time.perf_counter()
-            heldout, images = teacher_scores(base_folder, heldout_prompts(base_config.eval_prompts, seed),
-                                             base_config, seed)
-            val_captions = [s.caption for s in generate("val", max(1, base_config.eval_prompts // 2), seed)]
-            val, _ = teacher_scores(base_folder, val_captions, base_config, seed)
-            base_stats["teacher"] = {"heldout": heldout, "val": val, "sampler": "DDIM",
-                                     "steps": base_config.eval_steps, "guidance_scale": base_config.guidance_scale,
-                                     "eval_seconds": round(time.perf_counter() - t0, 1)}
-        _save_grid(tmp / "teacher_samples.png", images)
+            if lm_from is not None:
+                shutil.copytree(lm_from, tmp / LM_FOLDER)
+                lm_stats = json.loads((Path(lm_from) / "stats.json").read_text(encoding="utf-8"))
+            else:
+                _, lm_stats = build_tiny_lm(tmp / LM_FOLDER, lm_config, seed)
+            if base_from is not None:
+                shutil.copytree(Path(base_from) / BASE_FOLDER, tmp / BASE_FOLDER)
+                shutil.copy2(Path(base_from) / "teacher_samples.png", tmp / "teacher_samples.png")
+                base_stats = read_manifest(base_from)["base"]
+            else:
+                base_folder, base_stats = build_tiny_base(tmp / BASE_FOLDER, base_config, seed,
+                                                          text_side_from=toy_clip, vae_from=vae_from)
+                if toy_clip is not None:
+                    base_stats["toy_clip"] = json.loads((Path(toy_clip) / "stats.json").read_text(encoding="utf-8"))
+                t0 = time.perf_counter()
+                heldout, images = teacher_scores(base_folder, heldout_prompts(base_config.eval_prompts, seed),
+                                                 base_config, seed)
+                val_captions = [s.caption for s in generate("val", max(1, base_config.eval_prompts // 2), seed)]
+                val, _ = teacher_scores(base_folder, val_captions, base_config, seed)
+                base_stats["teacher"] = {"heldout": heldout, "val": val, "sampler": "DDIM",
+                                         "steps": base_config.eval_steps, "guidance_scale": base_config.guidance_scale,
+                                         "eval_seconds": round(time.perf_counter() - t0, 1)}
+                _save_grid(tmp / "teacher_samples.png", images)
         files = _file_table(tmp)
         manifest = {
             "format": "shapes-assets", "version": ASSETS_VERSION, "seed": seed, "quick": quick,
@@ -130,6 +147,9 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
             "base": {"folder": BASE_FOLDER, **base_stats},
             "files": files,
         }
+        if lm_from is not None or base_from is not None:
+            manifest["composed_from"] = {"lm": str(lm_from) if lm_from else None,
+                                         "base": str(base_from) if base_from else None}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
         if out.exists():  # --force: replace only once the new folder is complete
             shutil.rmtree(out)
@@ -139,6 +159,23 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
         raise
     logger.info("shapes assets: %.1f MB in %.0f s -> %s", manifest["total_bytes"] / 1e6, manifest["total_seconds"], out)
     return out
+
+
+def _check_parts(lm_from, base_from, seed: int, quick: bool, toy_clip, vae_from) -> None:
+    """ValueError saying what is wrong with a copied part, before any work."""
+    if lm_from is not None and not all((Path(lm_from) / name).is_file() for name in ("config.json", "stats.json")):
+        raise ValueError(f"--lm-from {lm_from}: not an LM built by `python -m bench.shapes.tiny_lm --out FOLDER` "
+                         "(it needs config.json and stats.json)")
+    if base_from is None:
+        return
+    if toy_clip is not None or vae_from is not None:
+        raise ValueError("--base-from copies a built base, text side and VAE included: drop --toy-clip / --vae-from, "
+                         "or drop --base-from to train a new base")
+    manifest = read_manifest(base_from)
+    if (manifest.get("version"), manifest.get("seed"), manifest.get("quick")) != (ASSETS_VERSION, seed, quick):
+        raise ValueError(f"--base-from {base_from} holds version {manifest.get('version')} seed {manifest.get('seed')} "
+                         f"quick {manifest.get('quick')}, not version {ASSETS_VERSION} seed {seed} quick {quick}: "
+                         "give the matching --seed / --quick, or rebuild that folder")
 
 
 def ensure_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = False) -> Path:
@@ -195,13 +232,23 @@ def main(argv: list[str] | None = None) -> None:
                              "(a folder made by python -m bench.shapes.toy_clip)")
     parser.add_argument("--vae-from", type=Path, metavar="BASE_FOLDER",
                         help="reuse this built base's VAE instead of training one (e.g. assets/shapes/tiny-base)")
+    parser.add_argument("--lm-from", type=Path, metavar="LM_FOLDER",
+                        help="copy this LM (python -m bench.shapes.tiny_lm --out LM_FOLDER) instead of training one")
+    parser.add_argument("--base-from", type=Path, metavar="ASSETS_FOLDER",
+                        help="copy this built assets folder's base and teacher scores instead of training a base")
     args = parser.parse_args(argv)
     for flag, folder, part in (("--toy-clip", args.toy_clip, "text_encoder"), ("--vae-from", args.vae_from, "vae")):
         if folder is not None and not (folder / part).is_dir():
             parser.error(f"{flag} {folder}: no {part}/ folder there")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    try:
+        _check_parts(args.lm_from, args.base_from, args.seed, args.quick, args.toy_clip, args.vae_from)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    if args.out.exists() and not args.force:
+        parser.error(f"{args.out} already exists; pass --force to rebuild it, or use it as it is")
     out = build_assets(args.out, seed=args.seed, quick=args.quick, force=args.force, threads=args.threads,
-                       toy_clip=args.toy_clip, vae_from=args.vae_from)
+                       toy_clip=args.toy_clip, vae_from=args.vae_from, lm_from=args.lm_from, base_from=args.base_from)
     manifest = read_manifest(out)
     teacher = manifest["base"]["teacher"]["heldout"]
     print(f"wrote {out} ({manifest['total_bytes'] / 1e6:.1f} MB, {manifest['total_seconds']:.0f} s)")

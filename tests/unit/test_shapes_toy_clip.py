@@ -142,3 +142,37 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     assert ensure_assets(out, quick=True) == out  # a finished toy-CLIP folder is reused as it is
     with pytest.raises(ValueError, match="--toy-clip"):
         ensure_assets(out, seed=1, quick=True)  # ...and never silently rebuilt on the bag of words
+
+
+def test_assets_composed_from_a_built_lm_and_a_built_base_copy_both_and_say_so(tmp_path, capsys):
+    """`bench.shapes.assets --lm-from LM --base-from ASSETS`: a new LM beside an existing base, nothing retrained:
+    the LM's files and the base's files are the sources', the base's teacher scores carry over, the manifest names
+    both sources; parts that cannot be composed are refused before any work."""
+    from bench.shapes.assets import ASSETS_VERSION, BASE_FOLDER, LM_FOLDER, ensure_assets, main, read_manifest
+    from bench.shapes.tiny_lm import main as build_lm
+    from devkit.cache import cache_dir
+
+    reference = ensure_assets(cache_dir() / f"shapes-assets-quick-v{ASSETS_VERSION}", seed=0, quick=True)
+    lm = tmp_path / "lm"
+    build_lm(["--out", str(lm), "--steps", "1"])
+    out = tmp_path / "composed"
+    main(["--out", str(out), "--quick", "--lm-from", str(lm), "--base-from", str(reference)])
+    manifest, before = read_manifest(out), read_manifest(reference)
+    assert manifest["base"] == before["base"]
+    assert {k: v for k, v in manifest["lm"].items() if k != "folder"} == json.loads((lm / "stats.json").read_text())
+    assert manifest["composed_from"] == {"lm": str(lm), "base": str(reference)}
+    for path, entry in before["files"].items():
+        if path.startswith(BASE_FOLDER + "/"):
+            assert manifest["files"][path] == entry, path
+    assert (out / LM_FOLDER / "model.safetensors").read_bytes() == (lm / "model.safetensors").read_bytes()
+
+    for argv, message in (
+        (["--lm-from", str(tmp_path)], "not an LM built by"),
+        (["--base-from", str(tmp_path)], "no manifest.json"),
+        (["--base-from", str(reference)], "quick True"),  # a quick base for a full build
+        (["--quick", "--base-from", str(reference), "--vae-from", str(reference / BASE_FOLDER)], "drop --toy-clip"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--out", str(tmp_path / "refused"), *argv])
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
