@@ -1,6 +1,7 @@
 """`make demo`: the whole method, trained and measured on a CPU, on the shapes benchmark (docs/design.md section 6).
 
     make demo        (= python -m bench.demo [--prompts 100] [--distill-steps 600] [--steps 300] [--out outputs/demo])
+                     (python -m bench.demo --split val: the same on in-distribution prompts)
 
 1. assets   the tiny LM and the tiny base model (the weak teacher) from assets/shapes/, which the repo ships
             (made by `make shapes-assets`); built here first if that folder is missing or stale.
@@ -38,6 +39,8 @@ IMAGE_STEPS = 300  # dynamic-kl steps after distillation (about 1.1 s each here)
 # and the image stage fine-tunes a distilled adapter at a tenth of the from-scratch lr (docs/parity_results.md).
 DISTILL_FLAGS = ("--batch-size", "64", "--set", "optim.lr=2e-3")
 FINE_TUNE_FLAGS = ("--set", "optim.lr=3e-4")
+PROMPT_KINDS = {"heldout": "held-out prompts (attribute combinations never seen in training)",
+                "val": "in-distribution val prompts (every combination seen in training)"}
 
 
 def cache_dir() -> Path:
@@ -86,7 +89,10 @@ def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
     parser.add_argument("--out", type=Path, default=OUT)
-    parser.add_argument("--prompts", type=int, default=100, help="held-out prompts to score (default 100)")
+    parser.add_argument("--prompts", type=int, default=100, help="prompts to score (default 100)")
+    parser.add_argument("--split", choices=("heldout", "val"), default="heldout",
+                        help="score held-out prompts (default: combinations never seen in training) or in-distribution "
+                             "val prompts (every combination seen; what the base can draw)")
     parser.add_argument("--distill-steps", type=int, default=DISTILL_STEPS,
                         help=f"caption-only distillation steps first (default {DISTILL_STEPS}; 0 = none)")
     parser.add_argument("--steps", type=int, default=IMAGE_STEPS,
@@ -108,7 +114,7 @@ def main(argv: list[str] | None = None) -> Path:
     from bench.shapes.assets import ensure_assets, teacher_kind
     from bench.shapes.pipeline import ensure_train_data, train_adapter
     from bench.shapes.report import comparison_grid, markdown_table
-    from bench.shapes.scenes import heldout_prompts
+    from bench.shapes.scenes import split_prompts
     from bench.shapes.stats import mean_ci, paired_ci
 
     torch.set_num_threads(1)  # see bench/shapes/assets.py: one thread is fastest for these tiny models
@@ -138,12 +144,12 @@ def main(argv: list[str] | None = None) -> Path:
         train_adapter(assets, data, run, preset="dynamic-kl", seed=args.seed, max_steps=args.steps, extra=extra)
     stages.update(1)
 
-    stages.set_postfix_str(f"sampling and scoring {args.prompts} held-out prompts")
+    stages.set_postfix_str(f"sampling and scoring {args.prompts} {PROMPT_KINDS[args.split]}")
     from adapter import load_adapter
 
     base, llm = ev.load_base_and_llm(assets)
     adapter = load_adapter(run / "adapter.safetensors")
-    prompts = heldout_prompts(args.prompts)
+    prompts = split_prompts(args.split, args.prompts)
     kind = teacher_kind(assets)
     arms = {f"teacher ({kind})": ev.teacher_conditioning(base), "adapter (tiny LM, all layers)": ev.adapter_conditioning(adapter, llm)}
     images, checks = {}, {}
@@ -162,7 +168,7 @@ def main(argv: list[str] | None = None) -> Path:
     gain = ev.recovered_gain(mse[ours], mse[teacher], mse_empty)
     metrics_gain = {"recovered_gain": gain}
     names = [k for k in ev.summarize_checks(checks[ours]) if k != "n"]
-    metrics = {"prompts": len(prompts), "sampler": {"name": "DDIM", "steps": args.sampler_steps, "guidance": args.guidance},
+    metrics = {"prompts": len(prompts), "split": args.split, "sampler": {"name": "DDIM", "steps": args.sampler_steps, "guidance": args.guidance},
                "adapter_run": str(run), "train_timings": json.loads((run / "timings.json").read_text())["wall_s"],
                "eps_mse_val": mse, "eps_mse_val_empty_prompt": mse_empty, "arms": {}}
     rows = []
@@ -186,7 +192,7 @@ def main(argv: list[str] | None = None) -> Path:
         "# make demo: the shapes benchmark on this machine", "",
         f"An adapter for a tiny decoder-only LM ({assets / 'tiny-lm'}) trained with {recipe(args.distill_steps, args.steps)} "
         f"on the frozen tiny base model, against that base model's own text encoder, a {kind} "
-        f"(the weak teacher). {len(prompts)} held-out prompts (attribute combinations never seen in training), "
+        f"(the weak teacher). {len(prompts)} {PROMPT_KINDS[args.split]}, "
         f"one image each, DDIM {args.sampler_steps} steps, guidance {args.guidance}, the same noise for both. "
         "Accuracy per check of the exact scorer; the difference has a 95% bootstrap interval over prompts "
         "(one training seed: the full study, `make bench-shapes`, adds seeds).", "",

@@ -1,9 +1,9 @@
 """The demo's recipe at several seeds, pooled: is the adapter's difference from its teacher more than one seed's luck?
 
-    python -m bench.demo_seeds [--assets assets/shapes] [--seeds 0 1 2] [--out outputs/demo-seeds]
+    python -m bench.demo_seeds [--assets assets/shapes] [--seeds 0 1 2] [--split heldout] [--out outputs/demo-seeds]
 
 Runs `python -m bench.demo --seed s --out <out>/s<s>` for every seed (its training runs are cached, so a seed the
-demo already trained only samples again; a seed whose metrics.json is there is read back), then pools: per check,
+demo already trained only samples again; a seed whose metrics.json for that split is there is read back), then pools: per check,
 adapter minus teacher with a paired bootstrap 95% interval resampling both seeds and prompts (bench/shapes/stats.py),
 and R per seed. Each seed samples its own noise, so the seeds differ in training and in sampling. Written to
 <out>/results.md and results.json.
@@ -29,6 +29,7 @@ def pool(metrics: dict[int, dict]) -> dict:
     values = lambda arm, check: [m["per_prompt"][arm][check] for m in metrics.values()]  # noqa: E731
     return {
         "seeds": list(metrics), "teacher": teacher, "adapter": ours, "prompts": first["prompts"],
+        "split": first.get("split", "heldout"),
         "recovered_gain": [m["recovered_gain"] for m in metrics.values()],
         "checks": {check: {"prompts": len(first["per_prompt"][ours][check]),
                            "teacher": mean_ci(values(teacher, check))[0], "adapter": mean_ci(values(ours, check))[0],
@@ -44,7 +45,8 @@ def results_markdown(pooled: dict, command: str) -> str:
              "{:+.3f} [{:+.3f}, {:+.3f}]".format(*c["adapter_minus_teacher"])] for check, c in pooled["checks"].items()]
     gains = ", ".join(f"{g:.3f}" for g in pooled["recovered_gain"])
     return (f"`{command}`: {pooled['adapter']} against {pooled['teacher']}, seeds "
-            f"{', '.join(map(str, pooled['seeds']))}, {pooled['prompts']} held-out prompts per seed; the interval "
+            f"{', '.join(map(str, pooled['seeds']))}, {pooled['prompts']} {'held-out' if pooled['split'] == 'heldout' else 'val'} "
+            f"prompts per seed; the interval "
             f"resamples seeds and prompts.\n\n"
             + markdown_table(["check", "prompts per seed", "teacher", "adapter", "adapter - teacher [95% CI]"], rows)
             + f"\n\nRecovered gain R per seed: {gains}.\n")
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m bench.demo_seeds", description=__doc__.split("\n\n")[0])
     parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--split", choices=("heldout", "val"), default="heldout",
+                        help="the prompts every seed scores (bench.demo --split)")
     parser.add_argument("--out", type=Path, default=Path("outputs/demo-seeds"))
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
@@ -66,8 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in seeds:
         folder = args.out / f"s{seed}"
         path = folder / "metrics.json"
-        if not (path.is_file() and "per_prompt" in json.loads(path.read_text(encoding="utf-8"))):
-            demo.main(["--assets", str(args.assets), "--seed", str(seed), "--out", str(folder)])
+        found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        if not ("per_prompt" in found and found.get("split", "heldout") == args.split):
+            demo.main(["--assets", str(args.assets), "--seed", str(seed), "--split", args.split, "--out", str(folder)])
         metrics[seed] = json.loads(path.read_text(encoding="utf-8"))
     pooled = pool(metrics)
     text = results_markdown(pooled, " ".join(["python -m bench.demo_seeds", *argv]))

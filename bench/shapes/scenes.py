@@ -182,15 +182,20 @@ def generate(split: str, n: int, seed: int = 0, heldout: HeldOut = HELDOUT) -> l
 
 def heldout_prompts(n: int = 256, seed: int = 0, heldout: HeldOut = HELDOUT) -> list[str]:
     """n held-out captions with pairwise different specs (deterministic)."""
+    return split_prompts("heldout", n, seed, heldout)
+
+
+def split_prompts(split: str, n: int, seed: int = 0, heldout: HeldOut = HELDOUT) -> list[str]:
+    """n captions of `split` with pairwise different specs (deterministic); "val" gives in-distribution prompts."""
     prompts, seen = [], set()
     for i in range(100 * n):
-        spec, caption, _ = sample_scene("heldout", np.random.default_rng([seed, SPLITS.index("heldout"), i]), heldout)
+        spec, caption, _ = sample_scene(split, np.random.default_rng([seed, SPLITS.index(split), i]), heldout)
         if spec not in seen:
             seen.add(spec)
             prompts.append(caption)
             if len(prompts) == n:
                 return prompts
-    raise ValueError(f"the held-out split has fewer than {n} distinct specs; ask for fewer prompts")
+    raise ValueError(f"the {split} split has fewer than {n} distinct specs; ask for fewer prompts")
 
 
 def write_image_folder(folder: str | os.PathLike, samples: list[Sample]) -> Path:

@@ -29,3 +29,29 @@ def test_one_seed_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["--seeds", "3", "3"])
     assert "at least two seeds" in capsys.readouterr().err
+
+
+def test_a_seed_is_read_back_only_for_the_asked_split_and_the_report_names_it(tmp_path, monkeypatch):
+    """`--split val` never pools a seed's held-out metrics.json: the demo reruns (sampling only) for that seed."""
+    import json
+
+    from bench import demo
+    from bench.demo_seeds import main
+
+    calls = []
+
+    def fake_demo(argv):
+        out = tmp_path / argv[argv.index("--out") + 1]
+        calls.append(argv)
+        (out / "metrics.json").write_text(json.dumps({**_metrics([0.0, 1.0], [1.0, 1.0], 1.0), "split": "val"}))
+
+    for seed in (0, 1):
+        (tmp_path / f"s{seed}").mkdir()
+        (tmp_path / f"s{seed}" / "metrics.json").write_text(json.dumps(_metrics([0.0, 0.0], [0.0, 0.0], 1.0)))
+    monkeypatch.setattr(demo, "main", fake_demo)
+    pooled = main(["--seeds", "0", "1", "--split", "val", "--out", str(tmp_path)])
+    assert [c[c.index("--split") + 1] for c in calls] == ["val", "val"] and pooled["split"] == "val"
+    assert "2 val prompts per seed" in (tmp_path / "results.md").read_text()
+    calls.clear()
+    main(["--seeds", "0", "1", "--split", "val", "--out", str(tmp_path)])  # now found: nothing reruns
+    assert calls == []

@@ -178,6 +178,15 @@ def test_heldout_prompts():
     assert {s.kind for s in specs} == set(captions.KINDS)
 
 
+def test_val_prompts_are_distinct_in_distribution_and_not_the_held_out_ones():
+    from bench.shapes.scenes import split_prompts
+
+    prompts = split_prompts("val", 64)
+    assert prompts == split_prompts("val", 64) and split_prompts("heldout", 64) == heldout_prompts(64)
+    specs = [parse_caption(p) for p in prompts]
+    assert len(set(specs)) == 64 and not any(HELDOUT.combinations_in(s) for s in specs)
+
+
 def test_write_image_folder_round_trips(tmp_path):
     samples = generate("val", 5, seed=1)
     folder = write_image_folder(tmp_path / "data", samples)
