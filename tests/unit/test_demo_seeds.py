@@ -7,7 +7,8 @@ from bench.demo_seeds import pool, results_markdown
 def _metrics(teacher, adapter, gain):
     return {"prompts": len(teacher), "recovered_gain": gain,
             "arms": {"teacher (toy CLIP)": {}, "adapter (tiny LM, all layers)": {}},
-            "per_prompt": {"teacher (toy CLIP)": {"colour": teacher}, "adapter (tiny LM, all layers)": {"colour": adapter}}}
+            "per_prompt": {"teacher (toy CLIP)": {"colour": teacher, "binding": teacher},
+                           "adapter (tiny LM, all layers)": {"colour": adapter, "binding": adapter}}}
 
 
 def test_seeds_pool_into_one_paired_difference_over_seeds_and_prompts():
@@ -55,3 +56,25 @@ def test_a_seed_is_read_back_only_for_the_asked_split_and_the_report_names_it(tm
     calls.clear()
     main(["--seeds", "0", "1", "--split", "val", "--out", str(tmp_path)])  # now found: nothing reruns
     assert calls == []
+
+
+def test_binding_by_group_splits_prompts_by_kind_and_by_a_never_drawn_pairing():
+    from bench.demo_seeds import by_group
+    from bench.shapes.captions import parse_caption
+    from bench.shapes.scenes import heldout_prompts
+    from bench.shapes.splits import HELDOUT
+
+    prompts = heldout_prompts(12)
+    teacher = [float(i % 2) for i in range(12)]
+    adapter = [1.0] * 12
+    groups = by_group({0: _metrics(teacher, adapter, 1.0), 1: _metrics(teacher, adapter, 1.0)})
+    assert sum(g["values"] for g in groups.values()) == 24 and all(g["adapter"] == 1.0 for g in groups.values())
+    single = [i for i, p in enumerate(prompts) if parse_caption(p).kind == "single"]
+    novel = all(any((o.colour, o.shape) in HELDOUT.colour_shapes for o in parse_caption(prompts[i]).objects)
+                for i in single)  # a held-out single-object prompt can only be held out for its pairing
+    assert novel and groups["single, a never-drawn colour-shape pairing"]["teacher"] == pytest.approx(
+        sum(teacher[i] for i in single) / len(single))
+    partial = _metrics(teacher, adapter, 1.0)
+    partial["per_prompt"]["teacher (toy CLIP)"]["relation"] = teacher[:5]  # a check of relation prompts only
+    with pytest.raises(ValueError, match="applies to every prompt"):
+        by_group({0: partial}, "relation")
