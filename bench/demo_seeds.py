@@ -62,7 +62,7 @@ def by_group(metrics: dict[int, dict], check: str = "binding") -> dict[str, dict
             for prompt, value in zip(prompts, values):
                 spec = parse_caption(prompt)
                 novel = any((o.colour, o.shape) in HELDOUT.colour_shapes for o in spec.objects)
-                name = f"{spec.kind}, {'a never-drawn' if novel else 'only drawn'} colour-shape pairing"
+                name = f"{spec.kind}, {'a never-drawn colour-shape pairing' if novel else 'all its pairings drawn'}"
                 groups.setdefault(name, {"teacher": [], "adapter": []})[role].append(value)
     return {name: {"values": len(g["adapter"]), "teacher": sum(g["teacher"]) / len(g["teacher"]),
                    "adapter": sum(g["adapter"]) / len(g["adapter"])} for name, g in sorted(groups.items())}
