@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-__all__ = ["by_group", "pool"]
+__all__ = ["pool"]
 
 
 def pool(metrics: dict[int, dict]) -> dict:
@@ -36,36 +36,6 @@ def pool(metrics: dict[int, dict]) -> dict:
                            "adapter_minus_teacher": paired_ci(values(ours, check), values(teacher, check))}
                    for check in checks},
     }
-
-
-def by_group(metrics: dict[int, dict], check: str = "binding") -> dict[str, dict]:
-    """{group: {values, teacher, adapter}}: one check's mean over [seeds, prompts] per group of prompts, grouped by
-    scene kind and by whether the caption names a colour-shape pairing the base never drew (the held-out split's).
-
-    Separates what the text side decides from what the UNet can draw: a "white triangle" alone needs no binding
-    from the text, so its score is the base's ceiling for that pairing. The check must apply to every prompt
-    (binding, colour, shape, no_extra, overall), so its per-prompt list follows the prompts' order."""
-    from bench.shapes.captions import parse_caption
-    from bench.shapes.scenes import split_prompts
-    from bench.shapes.splits import HELDOUT
-
-    first = next(iter(metrics.values()))
-    teacher, ours = list(first["arms"])
-    prompts = split_prompts(first.get("split", "heldout"), first["prompts"])
-    groups: dict[str, dict[str, list]] = {}
-    for m in metrics.values():
-        for arm, role in ((teacher, "teacher"), (ours, "adapter")):
-            values = m["per_prompt"][arm][check]
-            if len(values) != len(prompts):
-                raise ValueError(f"{check} scores {len(values)} of {len(prompts)} prompts; by_group needs a check that "
-                                 "applies to every prompt (binding, colour, shape, no_extra, overall)")
-            for prompt, value in zip(prompts, values):
-                spec = parse_caption(prompt)
-                novel = any((o.colour, o.shape) in HELDOUT.colour_shapes for o in spec.objects)
-                name = f"{spec.kind}, {'a never-drawn colour-shape pairing' if novel else 'all its pairings drawn'}"
-                groups.setdefault(name, {"teacher": [], "adapter": []})[role].append(value)
-    return {name: {"values": len(g["adapter"]), "teacher": sum(g["teacher"]) / len(g["teacher"]),
-                   "adapter": sum(g["adapter"]) / len(g["adapter"])} for name, g in sorted(groups.items())}
 
 
 def results_markdown(pooled: dict, command: str) -> str:
@@ -109,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
             demo.main(["--assets", str(args.assets), "--seed", str(seed), "--split", args.split, "--out", str(folder)])
         metrics[seed] = json.loads(path.read_text(encoding="utf-8"))
     pooled = pool(metrics)
-    pooled.update(by_group_check="binding", by_group=by_group(metrics, "binding"))
+    pooled.update(by_group_check="binding", by_group=demo.by_group(metrics, "binding"))
     text = results_markdown(pooled, " ".join(["python -m bench.demo_seeds", *argv]))
     (args.out / "results.json").write_text(json.dumps(pooled, indent=2) + "\n", encoding="utf-8")
     (args.out / "results.md").write_text(text, encoding="utf-8")

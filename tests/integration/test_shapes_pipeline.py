@@ -59,11 +59,15 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
     assert grid.width > 4 * 2 * 64  # four prompt cells per row, teacher and adapter side by side
     report = (out / "report.md").read_text()
     assert "| check | prompts | teacher | adapter |" in report and "samples.png" in report
+    assert metrics["split"] == "heldout" and "| prompts | count | teacher | adapter |" in report
+    assert "a never-drawn colour-shape pairing" in report  # every held-out prompt names a held-out combination
 
-    # a second run reuses the trained adapter instead of training again
+    # a second run reuses the trained adapter instead of training again, here on in-distribution prompts
     again = _run(["-m", "bench.demo", "--quick", "--assets", str(quick_assets), "--out", str(out), "--steps", "3",
-                  "--distill-steps", "3", "--prompts", "6", "--sampler-steps", "2"], tmp_path)
+                  "--distill-steps", "3", "--prompts", "6", "--sampler-steps", "2", "--split", "val"], tmp_path)
     assert "train:" not in again.stderr
+    assert json.loads((out / "metrics.json").read_text())["split"] == "val"
+    assert "in-distribution val prompts" in (out / "report.md").read_text()
 
 
 def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets, tmp_path):

@@ -59,7 +59,7 @@ def test_a_seed_is_read_back_only_for_the_asked_split_and_the_report_names_it(tm
 
 
 def test_binding_by_group_splits_prompts_by_kind_and_by_a_never_drawn_pairing():
-    from bench.demo_seeds import by_group
+    from bench.demo import by_group
     from bench.shapes.captions import parse_caption
     from bench.shapes.scenes import heldout_prompts
     from bench.shapes.splits import HELDOUT
