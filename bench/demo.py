@@ -80,7 +80,7 @@ def by_group(metrics: dict[int, dict], check: str = "binding") -> dict[str, dict
     scene kind and by whether the caption names a colour-shape pairing the base never drew (the held-out split's).
 
     Separates what the text side decides from what the UNet can draw: a "white triangle" alone needs no binding
-    from the text, so its score is the base's ceiling for that pairing. The check must apply to every prompt
+    from the text, so its score says what the base can draw of that pairing. The check must apply to every prompt
     (binding, colour, shape, no_extra, overall), so its per-prompt list follows the prompts' order."""
     from bench.shapes.captions import parse_caption
     from bench.shapes.scenes import split_prompts
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> Path:
         "Binding by group of prompts. The base draws a colour-shape pairing it never drew in training (the held-out "
         "split's) right far less often, whatever the text says (docs/shapes_oracle_probe.md): compare teacher and "
         "adapter within a row.", "",
-        markdown_table(["prompts", "count", "teacher", "adapter"],
+        markdown_table(["group of prompts", "prompts", "teacher", "adapter"],
                        [[name, g["values"], g["teacher"], g["adapter"]]
                         for name, g in by_group({args.seed: metrics}).items()]), "",
         "![teacher | adapter](samples.png)", "",

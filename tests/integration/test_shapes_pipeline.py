@@ -59,7 +59,7 @@ def test_demo_trains_an_adapter_and_writes_grid_metrics_and_report(quick_assets,
     assert grid.width > 4 * 2 * 64  # four prompt cells per row, teacher and adapter side by side
     report = (out / "report.md").read_text()
     assert "| check | prompts | teacher | adapter |" in report and "samples.png" in report
-    assert metrics["split"] == "heldout" and "| prompts | count | teacher | adapter |" in report
+    assert metrics["split"] == "heldout" and "| group of prompts | prompts | teacher | adapter |" in report
     assert "a never-drawn colour-shape pairing" in report  # every held-out prompt names a held-out combination
 
     # a second run reuses the trained adapter instead of training again, here on in-distribution prompts
