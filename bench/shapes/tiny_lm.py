@@ -187,10 +187,12 @@ def _make_model(tokenizer, config: LMConfig):
     ))
 
 
-def _batch(tokenizer, captions: list[str], answer_weight: float = 1.0) -> dict[str, torch.Tensor]:
+def _batch(tokenizer, captions: list[str], answer_weight: float = 1.0,
+           binding_labels: bool = False) -> dict[str, torch.Tensor]:
     """Chat-rendered captions + EOS, right-padded; labels only on the caption and what follows it; `weights`:
     each label's loss weight, `answer_weight` on the answer word of a text with a binding continuation;
-    `colours`: the binding auxiliary loss's labels (`noun_colours`)."""
+    with `binding_labels`, `colours`: the binding auxiliary loss's labels (`noun_colours`, which parses every
+    caption, so only when that loss is on)."""
     rows, labels, weights, colours = [], [], [], []
     prefix = len(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False).split("<|end|>")[0])
     for caption in captions:
@@ -205,16 +207,19 @@ def _batch(tokenizer, captions: list[str], answer_weight: float = 1.0) -> dict[s
         if has_continuation(caption):
             weight[len(ids) - ANSWER_FROM_END] = answer_weight
         weights.append(weight)
-        colours.append(noun_colours(tokenizer, caption, ids, first))
+        if binding_labels:
+            colours.append(noun_colours(tokenizer, caption, ids, first))
     length = max(map(len, rows))
     pad = lambda seq, value: seq + [value] * (length - len(seq))  # noqa: E731
-    return {
+    batch = {
         "input_ids": torch.tensor([pad(r, tokenizer.pad_token_id) for r in rows]),
         "attention_mask": torch.tensor([pad([1] * len(r), 0) for r in rows]),
         "labels": torch.tensor([pad(lab, -100) for lab in labels]),
         "weights": torch.tensor([pad(w, 0.0) for w in weights]),
-        "colours": torch.tensor([pad(c, -100) for c in colours]),
     }
+    if binding_labels:
+        batch["colours"] = torch.tensor([pad(c, -100) for c in colours])
+    return batch
 
 
 def noun_colours(tokenizer, text: str, ids: list[int], start: int) -> list[int]:
@@ -289,7 +294,7 @@ def train_lm(model, tokenizer, captions: list[str], config: LMConfig, seed: int)
     losses, aux_losses = [], []
     for step in range(config.steps):
         picks = torch.randint(len(captions), (config.batch_size,), generator=generator).tolist()
-        batch = _batch(tokenizer, [captions[i] for i in picks], config.answer_weight)
+        batch = _batch(tokenizer, [captions[i] for i in picks], config.answer_weight, binding_labels=head is not None)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     output_hidden_states=head is not None)
         # the model's own loss unless answers are weighted, so the shipped LM is built as it always was

@@ -138,7 +138,7 @@ def test_binding_aux_labels_sit_on_each_noun_with_its_colour_and_never_on_a_held
     other = next(c for c in COLOURS if (c, "circle") not in HELDOUT.colour_shapes and c != colour)
     texts = ["a red circle and a green square . the circle is red .", f"a {colour} {shape} and a {other} circle",
              "a small red circle in the top left", "two blue squares"]
-    batch = _batch(tokenizer, texts)
+    batch = _batch(tokenizer, texts, binding_labels=True)
     words = lambda row: [tokenizer.decode([int(batch["input_ids"][row, t])]).strip()  # noqa: E731
                          for t in (batch["colours"][row] != -100).nonzero().flatten().tolist()]
     labelled = lambda row: [COLOURS[int(c)] for c in batch["colours"][row] if c != -100]  # noqa: E731
