@@ -161,6 +161,11 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
     return out
 
 
+def _built_for(manifest: dict, seed: int, quick: bool) -> bool:
+    """Whether a manifest is of this assets version, seed and mode (the key a folder is reused by)."""
+    return (manifest.get("version"), manifest.get("seed"), manifest.get("quick")) == (ASSETS_VERSION, seed, quick)
+
+
 def _check_parts(lm_from, base_from, seed: int, quick: bool, toy_clip, vae_from) -> None:
     """ValueError saying what is wrong with a copied part, before any work."""
     if lm_from is not None and not all((Path(lm_from) / name).is_file() for name in ("config.json", "stats.json")):
@@ -172,7 +177,7 @@ def _check_parts(lm_from, base_from, seed: int, quick: bool, toy_clip, vae_from)
         raise ValueError("--base-from copies a built base, text side and VAE included: drop --toy-clip / --vae-from, "
                          "or drop --base-from to train a new base")
     manifest = read_manifest(base_from)
-    if (manifest.get("version"), manifest.get("seed"), manifest.get("quick")) != (ASSETS_VERSION, seed, quick):
+    if not _built_for(manifest, seed, quick):
         raise ValueError(f"--base-from {base_from} holds version {manifest.get('version')} seed {manifest.get('seed')} "
                          f"quick {manifest.get('quick')}, not version {ASSETS_VERSION} seed {seed} quick {quick}: "
                          "give the matching --seed / --quick, or rebuild that folder")
@@ -185,8 +190,7 @@ def ensure_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fa
         manifest = read_manifest(out)
     except FileNotFoundError:
         manifest = None
-    if manifest and (manifest.get("version"), manifest.get("seed"), manifest.get("quick")) == (ASSETS_VERSION, seed,
-                                                                                                 quick):
+    if manifest and _built_for(manifest, seed, quick):
         return out
     if manifest and manifest["base"].get("text_side", "bag-of-words") != "bag-of-words":
         raise ValueError(f"{out} holds assets of another version, seed or mode, built on a toy CLIP teacher; "
