@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> dict:
         found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
         if not ("per_prompt" in found and found.get("split", "heldout") == args.split):
             demo.main(["--assets", str(args.assets), "--seed", str(seed), "--split", args.split, "--out", str(folder)])
-        metrics[seed] = json.loads(path.read_text(encoding="utf-8"))
+            found = json.loads(path.read_text(encoding="utf-8"))
+        metrics[seed] = found
     pooled = pool(metrics)
     pooled.update(by_group_check="binding", by_group=demo.by_group(metrics, "binding"))
     text = results_markdown(pooled, " ".join(["python -m bench.demo_seeds", *argv]))
