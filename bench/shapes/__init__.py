@@ -4,7 +4,7 @@ split that holds out attribute combinations, and an exact detector-free scorer (
     from bench.shapes import generate, write_image_folder, heldout_prompts, score, parse_caption
 
     captions.py        SceneSpec / ObjectSpec (what a caption asserts), the grammar, parse_caption
-    splits.py          the held-out combinations (HELDOUT) and which split a spec belongs to
+    splits.py          the held-out combinations (HELDOUT, HOLDOUTS) and which split a spec belongs to
     scenes.py          sampling, exact rendering, generate(), write_image_folder(), heldout_prompts()
     scorer.py          detect(), score(), summarize(): GenEval-style rules without a detector
     scorer_accuracy.py the scorer's own accuracy table (true, degraded, shuffled-caption control)
@@ -16,7 +16,7 @@ from importlib import import_module
 
 _EXPORTS = {
     "captions": ("SceneSpec", "ObjectSpec", "caption_for", "parse_caption"),
-    "splits": ("HELDOUT", "SPLITS", "HeldOut", "in_split", "make_heldout"),
+    "splits": ("HELDOUT", "HOLDOUTS", "SPLITS", "HeldOut", "holdout_named", "in_split", "make_heldout"),
     "scenes": ("IMAGE_SIZE", "PALETTE", "Sample", "generate", "heldout_prompts", "render", "write_image_folder"),
     "scorer": ("SceneScore", "Detection", "detect", "score", "summarize"),
 }

@@ -2,7 +2,7 @@
 
     python -m bench.shapes.assets [--out assets/shapes] [--seed 0] [--quick] [--force]
                                   [--toy-clip FOLDER] [--vae-from BASE_FOLDER]
-                                  [--lm-from LM_FOLDER] [--base-from ASSETS_FOLDER]
+                                  [--lm-from LM_FOLDER] [--base-from ASSETS_FOLDER] [--holdout pairings|scenes]
 
 writes
     <out>/tiny-lm/           Hugging Face folder: a 4-block Llama + word-level tokenizer with a chat template
@@ -25,11 +25,17 @@ them, as SD's UNet learnt to read CLIP. `--vae-from BASE_FOLDER` reuses an alrea
 training the default one, and `--base-from ASSETS_FOLDER` an already built folder's base, teacher scores and
 samples instead of training a base: together they pair a new LM with a built base in seconds, and the
 manifest records where each part came from.
+
+`--holdout scenes` trains the base (and asks that the toy CLIP was trained) with the "scenes" design of the
+held-out split (bench/shapes/splits.py): every colour-shape pairing drawn alone, two-object scenes using a
+held-out pairing held out. The manifest's "holdout" records it, and `holdout_of(folder)` is what every
+consumer (training data, held-out prompts, oracle, study) asks.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -40,7 +46,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["ASSETS_VERSION", "DEFAULT_DIR", "build_assets", "ensure_assets", "read_manifest", "teacher_kind"]
+from .splits import HOLDOUTS, holdout_named
+
+__all__ = ["ASSETS_VERSION", "DEFAULT_DIR", "build_assets", "ensure_assets", "holdout_of", "read_manifest",
+           "teacher_kind"]
 
 logger = logging.getLogger(__name__)
 
@@ -87,11 +96,19 @@ def teacher_kind(folder: str | Path) -> str:
         else "toy CLIP"
 
 
+def holdout_of(folder: str | Path):
+    """The held-out split (splits.HeldOut) the assets' base was trained around; folders from before the "scenes"
+    design have no field and are "pairings"."""
+    return holdout_named(read_manifest(folder).get("holdout", "pairings"))
+
+
 def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = False, force: bool = False,
                  threads: int = 1, toy_clip: str | Path | None = None, vae_from: str | Path | None = None,
-                 lm_from: str | Path | None = None, base_from: str | Path | None = None) -> Path:
+                 lm_from: str | Path | None = None, base_from: str | Path | None = None,
+                 holdout: str = "pairings") -> Path:
     """Train both models (or copy them: `lm_from`, `base_from`), evaluate the base, write the manifest; returns
-    `out`. Refuses to overwrite unless force."""
+    `out`. Refuses to overwrite unless force. `holdout` names the split design the base is trained around; with
+    `base_from` it is the copied base's."""
     import torch
     import diffusers
     import transformers
@@ -103,12 +120,16 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to rebuild it, or use it as it is")
-    _check_parts(lm_from, base_from, seed, quick, toy_clip, vae_from)
+    _check_parts(lm_from, base_from, seed, quick, toy_clip, vae_from, holdout)
+    if base_from is not None:
+        holdout = holdout_of(base_from).name
+    heldout = holdout_named(holdout)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     lm_config, base_config = (LMConfig.quick(), BaseConfig.quick()) if quick else (LMConfig(), BaseConfig())
+    base_config = dataclasses.replace(base_config, holdout=holdout)
     start = time.perf_counter()
     try:
         with _reproducible(threads):
@@ -127,11 +148,12 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
                 if toy_clip is not None:
                     base_stats["toy_clip"] = json.loads((Path(toy_clip) / "stats.json").read_text(encoding="utf-8"))
                 t0 = time.perf_counter()
-                heldout, images = teacher_scores(base_folder, heldout_prompts(base_config.eval_prompts, seed),
-                                                 base_config, seed)
-                val_captions = [s.caption for s in generate("val", max(1, base_config.eval_prompts // 2), seed)]
+                held, images = teacher_scores(base_folder, heldout_prompts(base_config.eval_prompts, seed, heldout),
+                                              base_config, seed)
+                val_captions = [s.caption for s in
+                                generate("val", max(1, base_config.eval_prompts // 2), seed, heldout)]
                 val, _ = teacher_scores(base_folder, val_captions, base_config, seed)
-                base_stats["teacher"] = {"heldout": heldout, "val": val, "sampler": "DDIM",
+                base_stats["teacher"] = {"heldout": held, "val": val, "sampler": "DDIM",
                                          "steps": base_config.eval_steps, "guidance_scale": base_config.guidance_scale,
                                          "eval_seconds": round(time.perf_counter() - t0, 1)}
                 _save_grid(tmp / "teacher_samples.png", images)
@@ -141,6 +163,7 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
             "libraries": {"torch": torch.__version__, "transformers": transformers.__version__,
                           "diffusers": diffusers.__version__},
             "torch_threads": threads,
+            "holdout": holdout,
             "total_seconds": round(time.perf_counter() - start, 1),
             "total_bytes": sum(f["bytes"] for f in files.values()),
             "lm": {"folder": LM_FOLDER, **lm_stats},
@@ -166,8 +189,16 @@ def _built_for(manifest: dict, seed: int, quick: bool) -> bool:
     return (manifest.get("version"), manifest.get("seed"), manifest.get("quick")) == (ASSETS_VERSION, seed, quick)
 
 
-def _check_parts(lm_from, base_from, seed: int, quick: bool, toy_clip, vae_from) -> None:
+def _check_parts(lm_from, base_from, seed: int, quick: bool, toy_clip, vae_from, holdout: str = "pairings") -> None:
     """ValueError saying what is wrong with a copied part, before any work."""
+    holdout_named(holdout)
+    if toy_clip is not None:
+        trained_for = json.loads((Path(toy_clip) / "stats.json").read_text(encoding="utf-8"))["config"].get(
+            "holdout", "pairings")
+        if trained_for != holdout:
+            raise ValueError(f"--toy-clip {toy_clip} was trained with holdout {trained_for!r}, the base would be "
+                             f"{holdout!r}: give --holdout {trained_for}, or retrain the toy CLIP with --holdout "
+                             f"{holdout}")
     if lm_from is not None and not all((Path(lm_from) / name).is_file() for name in ("config.json", "stats.json")):
         raise ValueError(f"--lm-from {lm_from}: not an LM built by `python -m bench.shapes.tiny_lm --out FOLDER` "
                          "(it needs config.json and stats.json)")
@@ -177,6 +208,9 @@ def _check_parts(lm_from, base_from, seed: int, quick: bool, toy_clip, vae_from)
         raise ValueError("--base-from copies a built base, text side and VAE included: drop --toy-clip / --vae-from, "
                          "or drop --base-from to train a new base")
     manifest = read_manifest(base_from)
+    if holdout != "pairings" and manifest.get("holdout", "pairings") != holdout:
+        raise ValueError(f"--base-from {base_from} was built with holdout {manifest.get('holdout', 'pairings')!r}, "
+                         f"not {holdout!r}: --base-from keeps the copied base's holdout, drop --holdout")
     if not _built_for(manifest, seed, quick):
         raise ValueError(f"--base-from {base_from} holds version {manifest.get('version')} seed {manifest.get('seed')} "
                          f"quick {manifest.get('quick')}, not version {ASSETS_VERSION} seed {seed} quick {quick}: "
@@ -240,19 +274,22 @@ def main(argv: list[str] | None = None) -> None:
                         help="copy this LM (python -m bench.shapes.tiny_lm --out LM_FOLDER) instead of training one")
     parser.add_argument("--base-from", type=Path, metavar="ASSETS_FOLDER",
                         help="copy this built assets folder's base and teacher scores instead of training a base")
+    parser.add_argument("--holdout", choices=HOLDOUTS, default="pairings",
+                        help="the held-out split's design the base is trained around (bench/shapes/splits.py)")
     args = parser.parse_args(argv)
     for flag, folder, part in (("--toy-clip", args.toy_clip, "text_encoder"), ("--vae-from", args.vae_from, "vae")):
         if folder is not None and not (folder / part).is_dir():
             parser.error(f"{flag} {folder}: no {part}/ folder there")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        _check_parts(args.lm_from, args.base_from, args.seed, args.quick, args.toy_clip, args.vae_from)
+        _check_parts(args.lm_from, args.base_from, args.seed, args.quick, args.toy_clip, args.vae_from, args.holdout)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     if args.out.exists() and not args.force:
         parser.error(f"{args.out} already exists; pass --force to rebuild it, or use it as it is")
     out = build_assets(args.out, seed=args.seed, quick=args.quick, force=args.force, threads=args.threads,
-                       toy_clip=args.toy_clip, vae_from=args.vae_from, lm_from=args.lm_from, base_from=args.base_from)
+                       toy_clip=args.toy_clip, vae_from=args.vae_from, lm_from=args.lm_from, base_from=args.base_from,
+                       holdout=args.holdout)
     manifest = read_manifest(out)
     teacher = manifest["base"]["teacher"]["heldout"]
     print(f"wrote {out} ({manifest['total_bytes'] / 1e6:.1f} MB, {manifest['total_seconds']:.0f} s)")

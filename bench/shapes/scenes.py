@@ -160,7 +160,8 @@ def layout(spec: SceneSpec, rng: np.random.Generator) -> tuple[PlacedObject, ...
 
 def sample_scene(split: str, rng: np.random.Generator, heldout: HeldOut = HELDOUT) -> tuple[SceneSpec, str, tuple]:
     """(spec, caption, objects) of one scene of `split`: a uniform kind, then specs until one is in the split."""
-    kind = KINDS[rng.integers(len(KINDS))]
+    kinds = heldout.kinds(split)
+    kind = kinds[rng.integers(len(kinds))]
     for _ in range(10_000):
         spec = sample_spec(kind, rng)
         if in_split(spec, split, heldout):

@@ -42,6 +42,7 @@ import torch
 from .fitting import loss_summary, optimizer_step
 from .scenes import BACKGROUND, IMAGE_SIZE, Sample, generate
 from .scorer import score, summarize
+from .splits import holdout_named
 
 __all__ = ["BaseConfig", "SD_SCHEDULER", "build_clip_tokenizer", "build_tiny_base", "make_text_encoder",
            "load_frozen_text_side", "load_vae", "teacher_scores", "vae_roundtrip_scores"]
@@ -82,6 +83,7 @@ class BaseConfig:
     eval_prompts: int = 200
     eval_steps: int = 25  # DDIM steps
     guidance_scale: float = 4.0
+    holdout: str = "pairings"  # which scenes are held out of training (bench/shapes/splits.py)
 
     @classmethod
     def quick(cls) -> "BaseConfig":
@@ -354,7 +356,8 @@ def build_tiny_base(dest: str | Path, config: BaseConfig = BaseConfig(), seed: i
                    "text_side": "bag-of-words" if text_side_from is None else f"frozen: {Path(text_side_from).name}"}
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # module initialisation
-    samples = generate("train", config.train_images, seed)
+    heldout = holdout_named(config.holdout)
+    samples = generate("train", config.train_images, seed, heldout)
     images = _images_tensor(samples)
 
     start = time.perf_counter()
@@ -370,8 +373,8 @@ def build_tiny_base(dest: str | Path, config: BaseConfig = BaseConfig(), seed: i
     stats["vae"].update(
         train_seconds=round(time.perf_counter() - start, 1), scaling_factor=vae.config.scaling_factor,
         parameters=sum(p.numel() for p in vae.parameters()),
-        roundtrip_val=vae_roundtrip_scores(vae, generate("val", config.eval_vae_images, seed)),
-        roundtrip_heldout=vae_roundtrip_scores(vae, generate("heldout", config.eval_vae_images, seed)),
+        roundtrip_val=vae_roundtrip_scores(vae, generate("val", config.eval_vae_images, seed, heldout)),
+        roundtrip_heldout=vae_roundtrip_scores(vae, generate("heldout", config.eval_vae_images, seed, heldout)),
     )
     logger.info("tiny VAE: %.0f s, round-trip overall accuracy (val) %.3f", stats["vae"]["train_seconds"],
                 stats["vae"]["roundtrip_val"]["overall"])

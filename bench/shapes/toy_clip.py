@@ -39,6 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .splits import CONVERSE, HOLDOUTS, holdout_named
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -63,6 +65,7 @@ class ToyClipConfig:
     train_images: int = 4000
     eval_images: int = 256
     seed: int = 0
+    holdout: str = "pairings"  # which scenes are held out (bench/shapes/splits.py); the base must use the same
 
     def validate(self) -> None:
         for name in ("layers", "width", "heads", "embed_dim", "steps", "batch", "train_images", "eval_images"):
@@ -74,13 +77,13 @@ class ToyClipConfig:
             raise ValueError(f"--hard-negatives is a share of the batch, between 0 and 1; got {self.hard_negatives}")
         if not self.lr > 0:
             raise ValueError(f"--lr must be positive, got {self.lr}")
+        holdout_named(self.holdout)
 
 
 # --- hard negatives from the grammar ---
 
 def _picture(spec) -> object:
     """What an image of the spec shows, independent of wording: pairs are unordered, a relation equals its converse."""
-    from .splits import CONVERSE
 
     objects = tuple((o.colour, o.shape) for o in spec.objects)
     if spec.kind == "pair":
@@ -96,7 +99,6 @@ def _swap_colours(caption: str, a: str, b: str) -> str:
 
 def _converse_relation(caption: str, relation: str) -> str:
     from .captions import RELATION_WORDS
-    from .splits import CONVERSE
 
     padded = f" {caption} "
     for word in sorted(RELATION_WORDS[relation], key=len, reverse=True):  # "to the left of" before "left of"
@@ -114,7 +116,6 @@ def twins(caption: str) -> dict[str, str]:
     turned to the converse, worded as the original; only twins that parse to what was meant and show a
     different picture (a swap in "a red circle and a blue circle" shows the same picture: no twin)."""
     from .captions import parse_caption
-    from .splits import CONVERSE
 
     spec = parse_caption(caption)
     if len(spec.objects) != 2:
@@ -242,7 +243,8 @@ def train_toy_clip(config: ToyClipConfig) -> tuple[ToyClip, object, dict]:
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     start = time.perf_counter()
-    samples = generate("train", config.train_images, config.seed)
+    heldout = holdout_named(config.holdout)
+    samples = generate("train", config.train_images, config.seed, heldout)
     tokenizer = build_clip_tokenizer([s.caption for s in samples])
     pixels = _pixels(samples)
     ids = tokenize(tokenizer, [s.caption for s in samples])
@@ -281,8 +283,8 @@ def train_toy_clip(config: ToyClipConfig) -> tuple[ToyClip, object, dict]:
              "hard_negatives_per_step": negatives_used / config.steps,
              "train_seconds": round(time.perf_counter() - start, 1),
              "text_parameters": sum(p.numel() for p in model.text_encoder.parameters()),
-             "val": evaluate(model, tokenizer, generate("val", config.eval_images, config.seed)),
-             "heldout": evaluate(model, tokenizer, generate("heldout", config.eval_images, config.seed))}
+             **{split: evaluate(model, tokenizer, generate(split, config.eval_images, config.seed, heldout))
+                for split in ("val", "heldout")}}
     return model, tokenizer, stats
 
 
@@ -317,10 +319,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-images", type=int, default=d.train_images)
     parser.add_argument("--eval-images", type=int, default=d.eval_images)
     parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--holdout", choices=HOLDOUTS, default=d.holdout,
+                        help="which scenes are held out from training (see bench/shapes/splits.py)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     config = ToyClipConfig(args.layers, args.width, args.heads, args.embed_dim, args.steps, args.batch, args.lr,
-                           args.hard_negatives, args.train_images, args.eval_images, args.seed)
+                           args.hard_negatives, args.train_images, args.eval_images, args.seed, args.holdout)
     try:
         config.validate()
     except ValueError as error:
