@@ -64,11 +64,14 @@ def run_key(assets: Path, steps: int, distill_steps: int = 0) -> str:
 def distill(assets: Path, seed: int = 0, steps: int = DISTILL_STEPS, quick: bool = False, quiet: bool = False) -> Path:
     """The demo's caption-only distillation run for `seed` in <cache>: trained once, then found by its key (the
     study starts its arms from the same run, so both measure the same start)."""
-    from bench.shapes.pipeline import ensure_captions, train_adapter
+    from bench.shapes.assets import holdout_of
+    from bench.shapes.pipeline import data_name, ensure_captions, train_adapter
 
     cache = cache_dir()
     n_train = 64 if quick else 8000
-    captions = ensure_captions(cache / f"train-{n_train}-captions.txt", n=n_train)  # the training scenes' captions
+    heldout = holdout_of(assets)
+    captions = ensure_captions(cache / f"{data_name(n_train, heldout)}-captions.txt", n=n_train,  # the training
+                               heldout=heldout)  # scenes' captions
     seeded = f"-s{seed}" if seed else ""  # seed 0 keeps the cache folder it always had
     run = cache / f"demo-distill-{run_key(assets, 0, steps)}{seeded}{'-quick' if quick else ''}"
     flags = ("--batch-size", "4", "--set", "optim.lr=2e-3") if quick else DISTILL_FLAGS
@@ -77,18 +80,22 @@ def distill(assets: Path, seed: int = 0, steps: int = DISTILL_STEPS, quick: bool
 
 def by_group(metrics: dict[int, dict], check: str = "binding") -> dict[str, dict]:
     """{group: {values, teacher, adapter}}: one check's mean over [seeds, prompts] per group of prompts, grouped by
-    scene kind and by whether the caption names a colour-shape pairing the base never drew (the held-out split's).
+    scene kind and by whether the caption names one of the held-out split's colour-shape pairings (never drawn by
+    the base in the "pairings" design, drawn only alone in the "scenes" design).
 
     Separates what the text side decides from what the UNet can draw: a "white triangle" alone needs no binding
     from the text, so its score says what the base can draw of that pairing. The check must apply to every prompt
     (binding, colour, shape, no_extra, overall), so its per-prompt list follows the prompts' order."""
     from bench.shapes.captions import parse_caption
     from bench.shapes.scenes import split_prompts
-    from bench.shapes.splits import HELDOUT
+    from bench.shapes.splits import holdout_named
 
     first = next(iter(metrics.values()))
     teacher, ours = list(first["arms"])
-    prompts = split_prompts(first.get("split", "heldout"), first["prompts"])
+    heldout = holdout_named(first.get("holdout", "pairings"))
+    prompts = split_prompts(first.get("split", "heldout"), first["prompts"], heldout=heldout)
+    novel_words, drawn_words = (("a held-out pairing (trained alone)", "no held-out pairing") if heldout.drawn_alone
+                                else ("a never-drawn colour-shape pairing", "all its pairings drawn"))
     groups: dict[str, dict[str, list]] = {}
     for m in metrics.values():
         for arm, role in ((teacher, "teacher"), (ours, "adapter")):
@@ -98,8 +105,8 @@ def by_group(metrics: dict[int, dict], check: str = "binding") -> dict[str, dict
                                  "applies to every prompt (binding, colour, shape, no_extra, overall)")
             for prompt, value in zip(prompts, values):
                 spec = parse_caption(prompt)
-                novel = any((o.colour, o.shape) in HELDOUT.colour_shapes for o in spec.objects)
-                name = f"{spec.kind}, {'a never-drawn colour-shape pairing' if novel else 'all its pairings drawn'}"
+                novel = any((o.colour, o.shape) in heldout.colour_shapes for o in spec.objects)
+                name = f"{spec.kind}, {novel_words if novel else drawn_words}"
                 groups.setdefault(name, {"teacher": [], "adapter": []})[role].append(value)
     return {name: {"values": len(g["adapter"]), "teacher": sum(g["teacher"]) / len(g["teacher"]),
                    "adapter": sum(g["adapter"]) / len(g["adapter"])} for name, g in sorted(groups.items())}
@@ -141,8 +148,8 @@ def main(argv: list[str] | None = None) -> Path:
     from tqdm.auto import tqdm
 
     from bench.shapes import evaluate as ev
-    from bench.shapes.assets import ensure_assets, teacher_kind
-    from bench.shapes.pipeline import ensure_train_data, train_adapter
+    from bench.shapes.assets import ensure_assets, holdout_of, teacher_kind
+    from bench.shapes.pipeline import data_name, ensure_train_data, train_adapter
     from bench.shapes.report import comparison_grid, markdown_table
     from bench.shapes.scenes import split_prompts
     from bench.shapes.stats import mean_ci, paired_ci
@@ -158,7 +165,8 @@ def main(argv: list[str] | None = None) -> Path:
     cache = cache_dir()
     n_train = 64 if args.quick else 8000
     quick = "-quick" if args.quick else ""
-    data = ensure_train_data(cache / f"train-{n_train}", n=n_train) if args.steps else None
+    heldout = holdout_of(assets)
+    data = ensure_train_data(cache / data_name(n_train, heldout), n=n_train, heldout=heldout) if args.steps else None
     stages.update(1)
 
     run = None
@@ -179,14 +187,14 @@ def main(argv: list[str] | None = None) -> Path:
 
     base, llm = ev.load_base_and_llm(assets)
     adapter = load_adapter(run / "adapter.safetensors")
-    prompts = split_prompts(args.split, args.prompts)
+    prompts = split_prompts(args.split, args.prompts, heldout=heldout)
     kind = teacher_kind(assets)
     arms = {f"teacher ({kind})": ev.teacher_conditioning(base), "adapter (tiny LM, all layers)": ev.adapter_conditioning(adapter, llm)}
     images, checks = {}, {}
     for name, conditioning in arms.items():
         images[name], checks[name] = ev.alignment(base, conditioning, prompts, args.sampler_steps, args.guidance,
                                                   seed=args.seed, desc=f"sampling: {name}")
-    triplets = ev.make_triplets(base, n=64 if args.quick else 256)
+    triplets = ev.make_triplets(base, n=64 if args.quick else 256, heldout=heldout)
     mse = {name: float(ev.eps_mse(base, conditioning, triplets).mean()) for name, conditioning in arms.items()}
     mse_empty = float(ev.eps_mse(base, ev.empty_conditioning(base), triplets).mean())
     stages.update(1)
@@ -198,7 +206,7 @@ def main(argv: list[str] | None = None) -> Path:
     gain = ev.recovered_gain(mse[ours], mse[teacher], mse_empty)
     metrics_gain = {"recovered_gain": gain}
     names = [k for k in ev.summarize_checks(checks[ours]) if k != "n"]
-    metrics = {"prompts": len(prompts), "split": args.split, "sampler": {"name": "DDIM", "steps": args.sampler_steps, "guidance": args.guidance},
+    metrics = {"prompts": len(prompts), "split": args.split, "holdout": heldout.name, "sampler": {"name": "DDIM", "steps": args.sampler_steps, "guidance": args.guidance},
                "adapter_run": str(run), "train_timings": json.loads((run / "timings.json").read_text())["wall_s"],
                "eps_mse_val": mse, "eps_mse_val_empty_prompt": mse_empty, "arms": {}}
     rows = []
@@ -222,7 +230,8 @@ def main(argv: list[str] | None = None) -> Path:
         "# make demo: the shapes benchmark on this machine", "",
         f"An adapter for a tiny decoder-only LM ({assets / 'tiny-lm'}) trained with {recipe(args.distill_steps, args.steps)} "
         f"on the frozen tiny base model, against that base model's own text encoder, a {kind} "
-        f"(the weak teacher). {len(prompts)} {PROMPT_KINDS[args.split]}, "
+        f"(the weak teacher). {len(prompts)} {PROMPT_KINDS[args.split]}"
+        f"{' in the scenes holdout (every pairing drawn alone in training)' if heldout.drawn_alone else ''}, "
         f"one image each, DDIM {args.sampler_steps} steps, guidance {args.guidance}, the same noise for both. "
         "Accuracy per check of the exact scorer; the difference has a 95% bootstrap interval over prompts "
         "(one training seed: the full study, `make bench-shapes`, adds seeds).", "",
@@ -231,9 +240,11 @@ def main(argv: list[str] | None = None) -> Path:
         f"{mse[teacher]:.5f}, adapter {mse[ours]:.5f}, the empty prompt {mse_empty:.5f}: recovered gain "
         f"R = (L_empty - L_adapter) / (L_empty - L_teacher) = {gain:.3f} (1 = the teacher's level, 0 = no better than "
         "the empty prompt).", "",
-        "Binding by group of prompts. The base draws a colour-shape pairing it never drew in training (the held-out "
-        "split's) right far less often, whatever the text says (docs/shapes_oracle_probe.md): compare teacher and "
-        "adapter within a row.", "",
+        "Binding by group of prompts: compare teacher and adapter within a row. " + (
+            "In this holdout the base drew every held-out pairing in training, alone only, so a two-object row asks "
+            "the text side for binding." if heldout.drawn_alone else
+            "The base draws a colour-shape pairing it never drew in training (the held-out split's) right far less "
+            "often, whatever the text says (docs/shapes_oracle_probe.md)."), "",
         markdown_table(["group of prompts", "prompts", "teacher", "adapter"],
                        [[name, g["values"], g["teacher"], g["adapter"]]
                         for name, g in by_group({args.seed: metrics}).items()]), "",

@@ -53,10 +53,14 @@ ARMS = {
 }
 
 
-def default_data() -> Path:
+def default_data(assets: Path) -> Path:
+    """The cache's 8000 training scenes of the assets' holdout (the demo's folder)."""
     from devkit.cache import cache_dir
 
-    return cache_dir() / "shapes" / "train-8000"
+    from .assets import holdout_of
+    from .pipeline import data_name
+
+    return cache_dir() / "shapes" / data_name(8000, holdout_of(assets))
 
 
 def run_dir(out: Path, arm: str, seed: int, distill_steps: int = 0) -> Path:
@@ -67,11 +71,13 @@ def distilled(assets: Path, out: Path, arm: str, seed: int, steps: int) -> Path:
     """The arm's caption-only distillation run (the demo's recipe); ours is the demo's own, from its cache."""
     from bench.demo import DISTILL_FLAGS, distill
 
+    from .assets import holdout_of
     from .pipeline import ensure_captions, train_adapter
 
     if arm == "ours":
         return distill(assets, seed, steps, quiet=True)
-    captions = ensure_captions(default_data().parent / "train-8000-captions.txt")
+    data = default_data(assets)
+    captions = ensure_captions(data.parent / f"{data.name}-captions.txt", heldout=holdout_of(assets))
     return train_adapter(assets, captions, out / "runs" / f"{arm}-distill{steps}-s{seed}", preset="distill", seed=seed,
                          max_steps=steps, extra=(*DISTILL_FLAGS, *ARMS[arm]), quiet=True)
 
@@ -189,10 +195,11 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error(f"{args.assets} holds no shapes assets (no manifest.json): run `make shapes-assets` first")
     import torch
 
+    from .assets import holdout_of
     from .pipeline import ensure_train_data
 
     torch.set_num_threads(1)
-    data = args.data or ensure_train_data(default_data())
+    data = args.data or ensure_train_data(default_data(args.assets), heldout=holdout_of(args.assets))
     seeds = list(dict.fromkeys(args.seeds))
     if not args.measure_only:
         for seed in seeds:  # a whole seed first, so an interrupted run still leaves comparable arms

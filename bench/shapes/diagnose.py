@@ -65,9 +65,10 @@ def diagnose(assets: Path, adapters: list[Path], triplets: int = 256) -> list[di
     import torch
 
     from . import evaluate as ev
+    from .assets import holdout_of
 
     base, llm = ev.load_base_and_llm(assets)
-    data = ev.make_triplets(base, n=triplets)
+    data = ev.make_triplets(base, n=triplets, heldout=holdout_of(assets))
     teacher = ev.teacher_conditioning(base)
 
     arms = {"teacher": teacher, "empty prompt": ev.empty_conditioning(base)}

@@ -29,6 +29,7 @@ import torch
 
 from .scenes import IMAGE_SIZE, generate
 from .scorer import score
+from .splits import HELDOUT, HeldOut
 
 __all__ = ["Triplets", "alignment", "eps_mse", "make_triplets", "adapter_conditioning", "teacher_conditioning",
            "empty_conditioning", "recovered_gain"]
@@ -103,9 +104,9 @@ class Triplets:
 
 
 @torch.no_grad()
-def make_triplets(base, n: int = 256, seed: int = 1234, split: str = "val") -> Triplets:
+def make_triplets(base, n: int = 256, seed: int = 1234, split: str = "val", heldout: HeldOut = HELDOUT) -> Triplets:
     """n triplets from `split` scenes; t evenly spaced over the schedule so every noise level counts equally."""
-    samples = generate(split, n, seed)
+    samples = generate(split, n, seed, heldout)
     pixels = torch.from_numpy(np.stack([s.image for s in samples])).permute(0, 3, 1, 2).float() / 127.5 - 1
     x0 = torch.cat([base.encode_images(pixels[i:i + 64]).float() for i in range(0, n, 64)])
     t = torch.linspace(0, base.scheduler.config.num_train_timesteps - 1, n).round().long()

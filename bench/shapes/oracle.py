@@ -27,7 +27,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +56,7 @@ class OracleConfig:
     sampler_steps: int = 25
     guidance: float = 4.0
     seed: int = 0
+    holdout: str = "pairings"  # the assets' (bench/shapes/assets.holdout_of): which captions are held out
 
 
 def validate(config: OracleConfig) -> None:
@@ -71,15 +72,17 @@ def validate(config: OracleConfig) -> None:
         raise ValueError(f"--kinds must name scene kinds from {KINDS}, got {list(config.kinds)}")
 
 
-def oracle_captions(n: int, kinds: tuple[str, ...] = TWO_OBJECT_KINDS, seed: int = 0) -> list[str]:
+def oracle_captions(n: int, kinds: tuple[str, ...] = TWO_OBJECT_KINDS, seed: int = 0,
+                    holdout: str = "pairings") -> list[str]:
     """The first n held-out captions (scenes.heldout_prompts order, distinct specs) of the given kinds."""
     from .captions import parse_caption
     from .scenes import heldout_prompts
+    from .splits import holdout_named
 
     pool = 4 * n
     while True:
         try:
-            prompts = heldout_prompts(pool, seed)
+            prompts = heldout_prompts(pool, seed, holdout_named(holdout))
         except ValueError:
             raise ValueError(f"the held-out split has fewer than {n} distinct {'/'.join(kinds)} captions; "
                              f"ask for fewer with --captions") from None
@@ -158,7 +161,7 @@ def run_oracle(base, config: OracleConfig) -> dict:
     from .stats import mean_ci, paired_ci
 
     validate(config)
-    captions = oracle_captions(config.captions, config.kinds, config.seed)
+    captions = oracle_captions(config.captions, config.kinds, config.seed, config.holdout)
     generator = torch.Generator().manual_seed(config.seed)
     started = time.perf_counter()
     latents = caption_latents(base, captions, config.renders, config.seed)
@@ -251,7 +254,9 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from training.models import load_base_model
 
-    from .assets import BASE_FOLDER
+    from .assets import BASE_FOLDER, holdout_of
+
+    config = replace(config, holdout=holdout_of(args.assets).name)
 
     torch.set_num_threads(args.threads)
     base = load_base_model(str(args.assets / BASE_FOLDER))

@@ -1,7 +1,7 @@
 """The shapes benchmark's moving parts between assets and numbers: the training images and an adapter trained
 with the trainer's real command line (a checkpoint's adapter is training.checkpoint.load_checkpoint_adapter).
 
-    data = ensure_train_data(cache / "train-8000")
+    data = ensure_train_data(cache / data_name(8000, holdout_of(assets)), heldout=holdout_of(assets))
     run = train_adapter(assets, data, out / "dynamic-kl-s0", preset="dynamic-kl", seed=0)
 
 The trainer runs as a subprocess (`python -m training.train --preset <arm> --config bench/shapes/adapter.toml
@@ -20,8 +20,9 @@ from typing import Optional
 from devkit.processes import spawn
 
 from .assets import BASE_FOLDER, LM_FOLDER
+from .splits import HELDOUT, HeldOut
 
-__all__ = ["SHAPES_CONFIG", "ensure_captions", "ensure_train_data", "train_adapter", "train_command"]
+__all__ = ["SHAPES_CONFIG", "data_name", "ensure_captions", "ensure_train_data", "train_adapter", "train_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,20 +31,27 @@ TRAIN_IMAGES = 8000  # the scenes the tiny base was trained on (BaseConfig.train
 DONE = ".complete"
 
 
-def ensure_train_data(folder: str | Path, n: int = TRAIN_IMAGES, seed: int = 0) -> Path:
-    """An image folder of n train-split scenes with .txt captions (the trainer's format); written once."""
+def data_name(n: int, heldout: HeldOut = HELDOUT) -> str:
+    """The cache name of n train scenes of a holdout design: "train-8000", or "train-8000-scenes" for the
+    "scenes" design (bench/shapes/splits.py), so bases built around different splits never share data."""
+    return f"train-{n}" + ("" if heldout == HELDOUT else f"-{heldout.name}")
+
+
+def ensure_train_data(folder: str | Path, n: int = TRAIN_IMAGES, seed: int = 0, heldout: HeldOut = HELDOUT) -> Path:
+    """An image folder of n train-split scenes with .txt captions (the trainer's format); written once. Name it
+    with `data_name`."""
     from .scenes import generate, write_image_folder
 
     folder = Path(folder)
     if (folder / DONE).is_file():
         return folder
     logger.info("writing %d training scenes to %s", n, folder)
-    write_image_folder(folder, generate("train", n, seed))
-    (folder / DONE).write_text(f"{n} train scenes, seed {seed}\n", encoding="utf-8")
+    write_image_folder(folder, generate("train", n, seed, heldout))
+    (folder / DONE).write_text(f"{n} train scenes, seed {seed}, holdout {heldout.name}\n", encoding="utf-8")
     return folder
 
 
-def ensure_captions(path: str | Path, n: int = TRAIN_IMAGES, seed: int = 0) -> Path:
+def ensure_captions(path: str | Path, n: int = TRAIN_IMAGES, seed: int = 0, heldout: HeldOut = HELDOUT) -> Path:
     """The captions of the n train-split scenes ensure_train_data draws, one per line: all the distill stage
     reads (no images are written)."""
     from .scenes import generate
@@ -52,7 +60,7 @@ def ensure_captions(path: str | Path, n: int = TRAIN_IMAGES, seed: int = 0) -> P
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(f"{s.caption}\n" for s in generate("train", n, seed)), encoding="utf-8")
+        tmp.write_text("".join(f"{s.caption}\n" for s in generate("train", n, seed, heldout)), encoding="utf-8")
         os.replace(tmp, path)
     return path
 

@@ -87,7 +87,8 @@ class Study:
                  guidance: float, train_images: int = 8000, extra: tuple[str, ...] = (), align_every: int = 0,
                  start_from: str = "scratch", distill_steps: int = 0):
         from .evaluate import load_base_and_llm, make_triplets
-        from .pipeline import ensure_train_data
+        from .assets import holdout_of
+        from .pipeline import data_name, ensure_train_data
         from .scenes import heldout_prompts
 
         self.assets, self.out, self.steps, self.every = assets, out, steps, every
@@ -99,10 +100,11 @@ class Study:
         self.start_from = start_from
         self.distill_steps = distill_steps  # 0: the demo's
         self.quick = train_images < 8000  # the miniature study: the demo's miniature distillation
-        self.data = ensure_train_data(out / f"train-{train_images}", n=train_images)
+        heldout = holdout_of(assets)
+        self.data = ensure_train_data(out / data_name(train_images, heldout), n=train_images, heldout=heldout)
         self.base, self.llm = load_base_and_llm(assets)
-        self.prompts = heldout_prompts(prompts)
-        self.triplets = make_triplets(self.base, n=triplets)
+        self.prompts = heldout_prompts(prompts, heldout=heldout)
+        self.triplets = make_triplets(self.base, n=triplets, heldout=heldout)
 
     def run_dir(self, arm: str, seed: int) -> Path:
         # Runs from the distilled start are other runs than the same arms from scratch: both fit in one --out.

@@ -74,6 +74,10 @@ def test_binding_by_group_splits_prompts_by_kind_and_by_a_never_drawn_pairing():
                 for i in single)  # a held-out single-object prompt can only be held out for its pairing
     assert novel and groups["single, a never-drawn colour-shape pairing"]["teacher"] == pytest.approx(
         sum(teacher[i] for i in single) / len(single))
+    # a base of the "scenes" holdout: its own held-out prompts (two-object scenes only), its own words
+    scenes = by_group({0: {**_metrics(teacher, adapter, 1.0), "holdout": "scenes"}})
+    assert {name.split(",")[0] for name in scenes} <= {"pair", "relation"}
+    assert any(name.endswith("a held-out pairing (trained alone)") for name in scenes)
     partial = _metrics(teacher, adapter, 1.0)
     partial["per_prompt"]["teacher (toy CLIP)"]["relation"] = teacher[:5]  # a check of relation prompts only
     with pytest.raises(ValueError, match="applies to every prompt"):

@@ -32,13 +32,15 @@ def test_the_command_refuses_bad_arguments_and_missing_assets(tmp_path, capsys):
 
 def test_captions_are_distinct_held_out_two_object_scenes():
     from bench.shapes.captions import parse_caption
-    from bench.shapes.splits import HELDOUT
+    from bench.shapes.splits import HELDOUT, HOLDOUTS
 
     captions = oracle_captions(40)
     specs = [parse_caption(c) for c in captions]
     assert len(captions) == 40 and len(set(specs)) == 40
     assert all(s.kind in ("pair", "relation") and HELDOUT.combinations_in(s) for s in specs)
     assert oracle_captions(5, ("relation",)) == oracle_captions(60, ("relation",))[:5]  # a prefix, whatever n
+    scenes = [parse_caption(c) for c in oracle_captions(20, holdout="scenes")]  # the assets' holdout's captions
+    assert all(s.kind in ("pair", "relation") and HOLDOUTS["scenes"].combinations_in(s) for s in scenes)
 
 
 def test_per_caption_means_follow_the_sampling_layout():

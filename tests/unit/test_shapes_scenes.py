@@ -169,6 +169,30 @@ def test_heldout_combinations_are_a_latin_selection_closed_under_converse():
         generate("test", 1)
 
 
+
+def test_the_scenes_holdout_draws_every_pairing_alone_and_holds_out_two_object_scenes_with_one():
+    """The "scenes" design: a held-out pairing occurs in training only in one-pairing scenes (single, count), the
+    held-out split is made of two-object scenes using a held-out pairing or relation, and the default design's
+    streams are untouched by the second one."""
+    scenes_holdout = splits.holdout_named("scenes")
+    assert scenes_holdout.colour_shapes == HELDOUT.colour_shapes and scenes_holdout.relations == HELDOUT.relations
+    assert splits.holdout_named("pairings") is HELDOUT and scenes_holdout.kinds("train") == captions.KINDS
+    train = generate("train", 1500, seed=0, heldout=scenes_holdout)
+    drawn_alone = set()
+    for sample in train:
+        for o in sample.objects:
+            if (o.colour, o.shape) in HELDOUT.colour_shapes:
+                assert sample.spec.kind in splits.ONE_PAIRING_KINDS, sample.caption
+                drawn_alone.add((o.colour, o.shape))
+    assert drawn_alone == HELDOUT.colour_shapes  # every held-out pairing is drawn alone in training
+    held = generate("heldout", 300, seed=0, heldout=scenes_holdout)
+    assert {s.spec.kind for s in held} == {"pair", "relation"}
+    assert all(scenes_holdout.combinations_in(s.spec) and HELDOUT.combinations_in(s.spec) for s in held)
+    assert [s.caption for s in generate("heldout", 50, seed=0)] == [s.caption for s in generate(
+        "heldout", 50, seed=0, heldout=splits.HOLDOUTS["pairings"])]
+    with pytest.raises(ValueError, match="unknown holdout 'words'; choose one of pairings, scenes"):
+        splits.holdout_named("words")
+
 def test_heldout_prompts():
     prompts = heldout_prompts(256)
     assert len(prompts) == 256 and prompts == heldout_prompts(256)

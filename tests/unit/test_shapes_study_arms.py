@@ -125,3 +125,16 @@ def test_results_markdown_reports_the_target_r_and_the_time_ratio():
     assert "| gated | 2.00 | 200 (6.7 CPU-min) | 1.33 | not reached | - |" in md  # 400 s against min-snr's 300 s
     assert "| min-snr | 1.00 | 300 (5.0 CPU-min) | 1.00 | 300 (5.0 CPU-min) | 1.00 |" in md
     assert not math.isnan(_results(start=True)["target"]["recovered_gain"])
+
+
+def test_training_scenes_of_each_holdout_get_their_own_cache_name_and_captions(tmp_path):
+    from bench.shapes.captions import parse_caption
+    from bench.shapes.pipeline import data_name, ensure_captions
+    from bench.shapes.splits import HOLDOUTS
+
+    assert data_name(8000) == "train-8000"  # the name the default design's cached scenes always had
+    assert data_name(8000, HOLDOUTS["scenes"]) == "train-8000-scenes"
+    path = ensure_captions(tmp_path / "captions.txt", n=200, heldout=HOLDOUTS["scenes"])
+    specs = [parse_caption(line) for line in path.read_text().splitlines()]
+    alone = [s for s in specs if any((o.colour, o.shape) in HOLDOUTS["scenes"].colour_shapes for o in s.objects)]
+    assert len(specs) == 200 and alone and all(s.kind in ("single", "count") for s in alone)

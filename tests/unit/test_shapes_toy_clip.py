@@ -112,15 +112,19 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     (the UNet learnt to read it, it did not learn with it), its VAE is B's, and the manifest says so."""
     from safetensors.torch import load_file
 
-    from bench.shapes.assets import (ASSETS_VERSION, BASE_FOLDER, build_assets, ensure_assets, read_manifest,
-                                     teacher_kind)
+    from bench.shapes.assets import (ASSETS_VERSION, BASE_FOLDER, DEFAULT_DIR, build_assets, ensure_assets,
+                                     holdout_of, read_manifest, teacher_kind)
+    from bench.shapes.splits import HOLDOUTS
     from bench.shapes.toy_clip import save, train_toy_clip
     from devkit.cache import cache_dir
 
     reference = ensure_assets(cache_dir() / f"shapes-assets-quick-v{ASSETS_VERSION}", seed=0, quick=True)
-    config = ToyClipConfig(width=32, steps=2, batch=8, train_images=40, eval_images=8)
+    config = ToyClipConfig(width=32, steps=2, batch=8, train_images=40, eval_images=8, holdout="scenes")
     clip = save(*train_toy_clip(config), tmp_path / "clip")
-    out = build_assets(tmp_path / "assets", quick=True, toy_clip=clip, vae_from=reference / BASE_FOLDER)
+    with pytest.raises(ValueError, match="trained with holdout 'scenes'.*give --holdout scenes"):
+        build_assets(tmp_path / "assets", quick=True, toy_clip=clip, vae_from=reference / BASE_FOLDER)
+    out = build_assets(tmp_path / "assets", quick=True, toy_clip=clip, vae_from=reference / BASE_FOLDER,
+                       holdout="scenes")
     base = out / BASE_FOLDER
     for part in ("text_encoder", "vae"):
         source = clip if part == "text_encoder" else reference / BASE_FOLDER
@@ -138,6 +142,9 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     manifest = read_manifest(out)
     assert manifest["base"]["text_side"] == "frozen: clip" and manifest["base"]["vae"]["reused_from"] == BASE_FOLDER
     assert manifest["base"]["toy_clip"]["config"]["width"] == config.width
+    assert manifest["holdout"] == manifest["base"]["config"]["holdout"] == "scenes"
+    assert holdout_of(out) is HOLDOUTS["scenes"] and holdout_of(reference) is HOLDOUTS["pairings"]
+    assert holdout_of(DEFAULT_DIR) is HOLDOUTS["pairings"]  # the shipped manifest predates the field
     assert (teacher_kind(out), teacher_kind(reference)) == ("toy CLIP", "bag of words")  # what reports call the teacher
     assert ensure_assets(out, quick=True) == out  # a finished toy-CLIP folder is reused as it is
     with pytest.raises(ValueError, match="--toy-clip"):
@@ -171,6 +178,8 @@ def test_assets_composed_from_a_built_lm_and_a_built_base_copy_both_and_say_so(t
         (["--base-from", str(tmp_path)], "no manifest.json"),
         (["--base-from", str(reference)], "quick True"),  # a quick base for a full build
         (["--quick", "--base-from", str(reference), "--vae-from", str(reference / BASE_FOLDER)], "drop --toy-clip"),
+        (["--quick", "--base-from", str(reference), "--holdout", "scenes"], "drop --holdout"),
+        (["--quick", "--holdout", "words"], "invalid choice: 'words'"),
     ):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "refused"), *argv])
