@@ -2,13 +2,15 @@
 
     python -m bench.shapes.probe [--assets assets/shapes] [--readers lm-all lm-last base] [--toy-clip FOLDER]
                                  [--lm FOLDER] [--offset 0] [--train 2000] [--test 500] [--out outputs/shapes-probe]
+                                 [--holdout pairings|scenes]
 
 For every object of a two-object caption (pair and relation scenes: "a red circle left of a blue square"),
 the probe reads the encoder's state at that object's noun token (the shape word; objects are found in the
 order the caption mentions them) and predicts the object's colour, one of six, with a multinomial logistic
 regression (standardised features, L2). It is trained on train-split captions and scored on held-out-split
 captions; `heldout pairs` scores only the objects whose colour-shape pairing never occurs in training
-("white triangle"), the compositional case. A state that is a function of its own token id (the bag-of-words
+("white triangle"), the compositional case. `--holdout scenes` draws both from that design of the split
+(bench/shapes/splits.py): held-out pairings then occur in training captions, alone only. A state that is a function of its own token id (the bag-of-words
 base) can only guess from the shape: near chance. A state that mixed in its context can bind.
 
 Readers (what the adapter or the UNet gets to see):
@@ -32,6 +34,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
+from .splits import HOLDOUTS, holdout_named
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -218,6 +222,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--offset", type=int, default=0,
                         help="read the state this many tokens after each noun (0: at the noun)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
+    parser.add_argument("--holdout", choices=HOLDOUTS, default="pairings",
+                        help="the split design train and held-out captions come from (bench/shapes/splits.py)")
     args = parser.parse_args(argv)
     if not args.readers and not args.toy_clip:
         parser.error("nothing to probe: give --readers and/or --toy-clip FOLDER")
@@ -244,11 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
     from .assets import BASE_FOLDER, LM_FOLDER
     from .report import markdown_table
     from .scenes import generate
-    from .splits import HELDOUT
-
+    heldout = holdout_named(args.holdout)
     torch.set_num_threads(1)
-    train = binding_objects([s.caption for s in generate("train", args.train, args.seed)])
-    test = binding_objects([s.caption for s in generate("heldout", args.test, args.seed)])
+    train = binding_objects([s.caption for s in generate("train", args.train, args.seed, heldout)])
+    test = binding_objects([s.caption for s in generate("heldout", args.test, args.seed, heldout)])
     readers: dict[str, Callable] = {}
     lm_folder = args.lm if args.lm is not None else args.assets / LM_FOLDER
     for name in args.readers:
@@ -259,7 +264,7 @@ def main(argv: list[str] | None = None) -> dict:
     results = {}
     for name, make in readers.items():
         read, tokenizer = make()
-        results[name] = probe_reader(read, tokenizer, train, test, HELDOUT.colour_shapes, args.seed, args.l2,
+        results[name] = probe_reader(read, tokenizer, train, test, heldout.colour_shapes, args.seed, args.l2,
                                      args.offset)
         logger.info("%s: %s", name, results[name])
     table = markdown_table(

@@ -102,6 +102,7 @@ def test_offset_reads_the_state_that_many_tokens_after_each_noun(clip_tokenizer)
     (["--lm", "{tmp}"], "is not an LM folder"),
     (["--readers", "base", "--lm", "{tmp}"], "add them to --readers"),
     (["--offset", "-1"], "--offset must be non-negative"),
+    (["--holdout", "words"], "invalid choice: 'words'"),
 ])
 def test_the_command_refuses_bad_arguments_with_what_to_do(tmp_path, capsys, argv, message):
     from bench.shapes.probe import main
