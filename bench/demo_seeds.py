@@ -29,7 +29,7 @@ def pool(metrics: dict[int, dict]) -> dict:
     values = lambda arm, check: [m["per_prompt"][arm][check] for m in metrics.values()]  # noqa: E731
     return {
         "seeds": list(metrics), "teacher": teacher, "adapter": ours, "prompts": first["prompts"],
-        "split": first.get("split", "heldout"),
+        "split": first.get("split", "heldout"), "holdout": first.get("holdout", "pairings"),
         "recovered_gain": [m["recovered_gain"] for m in metrics.values()],
         "checks": {check: {"prompts": len(first["per_prompt"][ours][check]),
                            "teacher": mean_ci(values(teacher, check))[0], "adapter": mean_ci(values(ours, check))[0],
@@ -46,7 +46,7 @@ def results_markdown(pooled: dict, command: str) -> str:
     gains = ", ".join(f"{g:.3f}" for g in pooled["recovered_gain"])
     return (f"`{command}`: {pooled['adapter']} against {pooled['teacher']}, seeds "
             f"{', '.join(map(str, pooled['seeds']))}, {pooled['prompts']} {'held-out' if pooled['split'] == 'heldout' else 'val'} "
-            f"prompts per seed; the interval "
+            f"prompts per seed ({pooled.get('holdout', 'pairings')} holdout); the interval "
             f"resamples seeds and prompts.\n\n"
             + markdown_table(["check", "prompts per seed", "teacher", "adapter", "adapter - teacher [95% CI]"], rows)
             + f"\n\nRecovered gain R per seed: {gains}.\n"
@@ -70,12 +70,16 @@ def main(argv: list[str] | None = None) -> dict:
     seeds = list(dict.fromkeys(args.seeds))
     if len(seeds) < 2:
         parser.error("--seeds: pooling needs at least two seeds (a single one is `python -m bench.demo --seed S`)")
+    from bench.shapes.assets import holdout_of
+
+    holdout = holdout_of(args.assets).name if (args.assets / "manifest.json").is_file() else "pairings"
     metrics = {}
     for seed in seeds:
         folder = args.out / f"s{seed}"
         path = folder / "metrics.json"
         found = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        if not ("per_prompt" in found and found.get("split", "heldout") == args.split):
+        if not ("per_prompt" in found and (found.get("split", "heldout"), found.get("holdout", "pairings"))
+                == (args.split, holdout)):
             demo.main(["--assets", str(args.assets), "--seed", str(seed), "--split", args.split, "--out", str(folder)])
             found = json.loads(path.read_text(encoding="utf-8"))
         metrics[seed] = found

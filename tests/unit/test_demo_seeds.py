@@ -56,6 +56,10 @@ def test_a_seed_is_read_back_only_for_the_asked_split_and_the_report_names_it(tm
     calls.clear()
     main(["--seeds", "0", "1", "--split", "val", "--out", str(tmp_path)])  # now found: nothing reruns
     assert calls == []
+    stale = json.loads((tmp_path / "s1" / "metrics.json").read_text())
+    (tmp_path / "s1" / "metrics.json").write_text(json.dumps({**stale, "holdout": "scenes"}))  # other assets' split
+    main(["--seeds", "0", "1", "--split", "val", "--out", str(tmp_path)])
+    assert [c[c.index("--seed") + 1] for c in calls] == ["1"]
 
 
 def test_binding_by_group_splits_prompts_by_kind_and_by_a_never_drawn_pairing():
