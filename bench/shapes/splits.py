@@ -62,9 +62,9 @@ class HeldOut:
 
     def combinations_in(self, spec: SceneSpec) -> list[str]:
         """The held-out combinations `spec` asserts, in words (empty for a train caption)."""
-        pairings_held = not (self.drawn_alone and spec.kind in ONE_PAIRING_KINDS)
-        found = [f"{o.colour} {o.shape}" for o in spec.objects
-                 if pairings_held and (o.colour, o.shape) in self.colour_shapes]
+        drawn_alone = self.drawn_alone and spec.kind in ONE_PAIRING_KINDS  # a training scene in this design
+        found = [] if drawn_alone else [f"{o.colour} {o.shape}" for o in spec.objects
+                                        if (o.colour, o.shape) in self.colour_shapes]
         if spec.relation is not None:
             a, b = spec.objects
             if (a.shape, spec.relation, b.shape) in self.relations:
