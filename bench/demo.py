@@ -41,6 +41,7 @@ DISTILL_FLAGS = ("--batch-size", "64", "--set", "optim.lr=2e-3")
 FINE_TUNE_FLAGS = ("--set", "optim.lr=3e-4")
 PROMPT_KINDS = {"heldout": "held-out prompts (attribute combinations never seen in training)",
                 "val": "in-distribution val prompts (every combination seen in training)"}
+SCENES_HOLDOUT_WORDS = " (scenes holdout: never together in one scene; every pairing drawn alone in training)"
 
 
 def cache_dir() -> Path:
@@ -231,7 +232,7 @@ def main(argv: list[str] | None = None) -> Path:
         f"An adapter for a tiny decoder-only LM ({assets / 'tiny-lm'}) trained with {recipe(args.distill_steps, args.steps)} "
         f"on the frozen tiny base model, against that base model's own text encoder, a {kind} "
         f"(the weak teacher). {len(prompts)} {PROMPT_KINDS[args.split]}"
-        f"{' in the scenes holdout (every pairing drawn alone in training)' if heldout.drawn_alone else ''}, "
+        f"{SCENES_HOLDOUT_WORDS if heldout.drawn_alone else ''}, "
         f"one image each, DDIM {args.sampler_steps} steps, guidance {args.guidance}, the same noise for both. "
         "Accuracy per check of the exact scorer; the difference has a 95% bootstrap interval over prompts "
         "(one training seed: the full study, `make bench-shapes`, adds seeds).", "",

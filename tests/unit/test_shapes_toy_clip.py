@@ -124,7 +124,7 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     with pytest.raises(ValueError, match="trained with holdout 'scenes'.*give --holdout scenes"):
         build_assets(tmp_path / "assets", quick=True, toy_clip=clip, vae_from=reference / BASE_FOLDER)
     out = build_assets(tmp_path / "assets", quick=True, toy_clip=clip, vae_from=reference / BASE_FOLDER,
-                       holdout="scenes")
+                       holdout="scenes", unet_steps=2)
     base = out / BASE_FOLDER
     for part in ("text_encoder", "vae"):
         source = clip if part == "text_encoder" else reference / BASE_FOLDER
@@ -143,6 +143,7 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     assert manifest["base"]["text_side"] == "frozen: clip" and manifest["base"]["vae"]["reused_from"] == BASE_FOLDER
     assert manifest["base"]["toy_clip"]["config"]["width"] == config.width
     assert manifest["holdout"] == manifest["base"]["config"]["holdout"] == "scenes"
+    assert manifest["base"]["config"]["unet_steps"] == 2 and manifest["base"]["unet"]["first_loss"] > 0
     assert holdout_of(out) is HOLDOUTS["scenes"] and holdout_of(reference) is HOLDOUTS["pairings"]
     assert holdout_of(DEFAULT_DIR) is HOLDOUTS["pairings"]  # the shipped manifest predates the field
     assert (teacher_kind(out), teacher_kind(reference)) == ("toy CLIP", "bag of words")  # what reports call the teacher
@@ -180,6 +181,8 @@ def test_assets_composed_from_a_built_lm_and_a_built_base_copy_both_and_say_so(t
         (["--quick", "--base-from", str(reference), "--vae-from", str(reference / BASE_FOLDER)], "drop --toy-clip"),
         (["--quick", "--base-from", str(reference), "--holdout", "scenes"], "drop --holdout"),
         (["--quick", "--holdout", "words"], "invalid choice: 'words'"),
+        (["--quick", "--unet-steps", "0"], "--unet-steps must be at least 1"),
+        (["--quick", "--unet-steps", "5", "--base-from", str(reference)], "--base-from copies one"),
     ):
         with pytest.raises(SystemExit):
             main(["--out", str(tmp_path / "refused"), *argv])
