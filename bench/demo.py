@@ -70,9 +70,8 @@ def distill(assets: Path, seed: int = 0, steps: int = DISTILL_STEPS, quick: bool
 
     cache = cache_dir()
     n_train = 64 if quick else 8000
-    heldout = holdout_of(assets)
-    captions = ensure_captions(cache / f"{data_name(n_train, heldout)}-captions.txt", n=n_train,  # the training
-                               heldout=heldout)  # scenes' captions
+    heldout = holdout_of(assets)  # the training scenes' captions, of the split the base was trained around
+    captions = ensure_captions(cache / f"{data_name(n_train, heldout)}-captions.txt", n=n_train, heldout=heldout)
     seeded = f"-s{seed}" if seed else ""  # seed 0 keeps the cache folder it always had
     run = cache / f"demo-distill-{run_key(assets, 0, steps)}{seeded}{'-quick' if quick else ''}"
     flags = ("--batch-size", "4", "--set", "optim.lr=2e-3") if quick else DISTILL_FLAGS

@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .splits import HOLDOUTS, holdout_named
+from .splits import HOLDOUTS, HeldOut, holdout_named
 
 __all__ = ["ASSETS_VERSION", "DEFAULT_DIR", "build_assets", "ensure_assets", "holdout_of", "read_manifest",
            "teacher_kind"]
@@ -98,7 +98,7 @@ def teacher_kind(folder: str | Path) -> str:
         else "toy CLIP"
 
 
-def holdout_of(folder: str | Path):
+def holdout_of(folder: str | Path) -> HeldOut:
     """The held-out split (splits.HeldOut) the assets' base was trained around; folders from before the "scenes"
     design have no field and are "pairings"."""
     return holdout_named(read_manifest(folder).get("holdout", "pairings"))

@@ -10,8 +10,9 @@ order the caption mentions them) and predicts the object's colour, one of six, w
 regression (standardised features, L2). It is trained on train-split captions and scored on held-out-split
 captions; `heldout pairs` scores only the objects whose colour-shape pairing never occurs in training
 ("white triangle"), the compositional case. `--holdout scenes` draws both from that design of the split
-(bench/shapes/splits.py): held-out pairings then occur in training captions, alone only. A state that is a function of its own token id (the bag-of-words
-base) can only guess from the shape: near chance. A state that mixed in its context can bind.
+(bench/shapes/splits.py): held-out pairings then occur in training captions, alone only. A state that is a
+function of its own token id (the bag-of-words base) can only guess from the shape: near chance. A state that
+mixed in its context can bind.
 
 Readers (what the adapter or the UNet gets to see):
     lm-all   the tiny LM's states of every block (embedding output included), each RMS-normalised as the
@@ -250,6 +251,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .assets import BASE_FOLDER, LM_FOLDER
     from .report import markdown_table
     from .scenes import generate
+
     heldout = holdout_named(args.holdout)
     torch.set_num_threads(1)
     train = binding_objects([s.caption for s in generate("train", args.train, args.seed, heldout)])
