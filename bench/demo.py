@@ -66,12 +66,12 @@ def distill(assets: Path, seed: int = 0, steps: int = DISTILL_STEPS, quick: bool
     """The demo's caption-only distillation run for `seed` in <cache>: trained once, then found by its key (the
     study starts its arms from the same run, so both measure the same start)."""
     from bench.shapes.assets import holdout_of
-    from bench.shapes.pipeline import data_name, ensure_captions, train_adapter
+    from bench.shapes.pipeline import captions_beside, data_name, ensure_captions, train_adapter
 
     cache = cache_dir()
     n_train = 64 if quick else 8000
     heldout = holdout_of(assets)  # the training scenes' captions, of the split the base was trained around
-    captions = ensure_captions(cache / f"{data_name(n_train, heldout)}-captions.txt", n=n_train, heldout=heldout)
+    captions = ensure_captions(captions_beside(cache / data_name(n_train, heldout)), n=n_train, heldout=heldout)
     seeded = f"-s{seed}" if seed else ""  # seed 0 keeps the cache folder it always had
     run = cache / f"demo-distill-{run_key(assets, 0, steps)}{seeded}{'-quick' if quick else ''}"
     flags = ("--batch-size", "4", "--set", "optim.lr=2e-3") if quick else DISTILL_FLAGS

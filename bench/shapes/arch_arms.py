@@ -72,12 +72,11 @@ def distilled(assets: Path, out: Path, arm: str, seed: int, steps: int) -> Path:
     from bench.demo import DISTILL_FLAGS, distill
 
     from .assets import holdout_of
-    from .pipeline import ensure_captions, train_adapter
+    from .pipeline import captions_beside, ensure_captions, train_adapter
 
     if arm == "ours":
         return distill(assets, seed, steps, quiet=True)
-    data = default_data(assets)
-    captions = ensure_captions(data.parent / f"{data.name}-captions.txt", heldout=holdout_of(assets))
+    captions = ensure_captions(captions_beside(default_data(assets)), heldout=holdout_of(assets))
     return train_adapter(assets, captions, out / "runs" / f"{arm}-distill{steps}-s{seed}", preset="distill", seed=seed,
                          max_steps=steps, extra=(*DISTILL_FLAGS, *ARMS[arm]), quiet=True)
 

@@ -22,7 +22,7 @@ from devkit.processes import spawn
 from .assets import BASE_FOLDER, LM_FOLDER
 from .splits import HELDOUT, HeldOut
 
-__all__ = ["SHAPES_CONFIG", "data_name", "ensure_captions", "ensure_train_data", "train_adapter", "train_command"]
+__all__ = ["SHAPES_CONFIG", "captions_beside", "data_name", "ensure_captions", "ensure_train_data", "train_adapter", "train_command"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,11 @@ def data_name(n: int, heldout: HeldOut = HELDOUT) -> str:
     """The cache name of n train scenes of a holdout design: "train-8000", or "train-8000-scenes" for the
     "scenes" design (bench/shapes/splits.py), so bases built around different splits never share data."""
     return f"train-{n}" + ("" if heldout == HELDOUT else f"-{heldout.name}")
+
+
+def captions_beside(data: Path) -> Path:
+    """Where the captions-only file of a training-scenes folder lives: "<folder>-captions.txt" beside it."""
+    return data.parent / f"{data.name}-captions.txt"
 
 
 def ensure_train_data(folder: str | Path, n: int = TRAIN_IMAGES, seed: int = 0, heldout: HeldOut = HELDOUT) -> Path:
