@@ -23,11 +23,12 @@ Everything is written under --out and reused: rerunning continues where a run st
 from its latest checkpoint; finished evaluations are read back), so the study can be stopped at any time.
 
 Reported (results.md, results.json):
-(a) final alignment per check for teacher, last-layer and all-layer fusion, with paired bootstrap 95% CIs
-    (over prompts and seeds) of all-layer minus last-layer and minus teacher;
+(a) final alignment per check for the teacher and every arm, with paired bootstrap 95% CIs (over prompts and
+    seeds) of every arm minus the teacher and of all-layer minus last-layer fusion;
 (b) for uniform, min-snr, kl and dynamic-kl: the steps and the CPU time (steps x that arm's measured
     per-step CPU time, teacher included while it runs, from the trainer's timings.json) to first reach the
-    min-snr arm's final validation epsilon-MSE and its final alignment, from the seed-mean curves;
+    min-snr arm's final validation epsilon-MSE and its final alignment, from the seed-mean curves, and every
+    check's alignment at each alignment checkpoint;
 (c) timestep-aware minus static (dynamic-kl), alignment and epsilon-MSE, paired CIs;
 (d) from the distilled start: R at step 0 and at every checkpoint, every arm minus min-snr (paired CIs), and
     (b) for every teacher arm, with min-snr's final R as the target (its epsilon-MSE: R falls as it rises).
@@ -214,8 +215,8 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
         results["final"][arm] = {c: mean_ci(_checks_matrix(evals, c)) for c in checks}
         results["final"][arm]["eps_mse"] = mean_ci(np.array([e["eps"] for e in evals]))
         results["final"][arm]["recovered_gain"] = recovered_gain(results["final"][arm]["eps_mse"][0], teacher_eps, empty_eps)
-    pairs = [("dynamic-kl", "last-layer"), ("dynamic-kl", "teacher"), ("last-layer", "teacher"),
-             ("timestep-aware", "dynamic-kl")]
+    # Every arm against the teacher (the claim the study tests), then the ablations.
+    pairs = [*((a, "teacher") for a in arms), ("dynamic-kl", "last-layer"), ("timestep-aware", "dynamic-kl")]
     if distilled:  # every arm against the teacher-free baseline, which against its start
         pairs += [(a, BASELINE) for a in arms if a != BASELINE] + [(BASELINE, START)]
     for a, b in dict.fromkeys(pairs):
@@ -229,14 +230,16 @@ def analyse(study: Study, arms: list[str], seeds: list[int]) -> dict:
     weighting = [a for a in arms if a in (*WEIGHTING_ARMS, *TEACHER_ARMS)] if BASELINE in arms else []
     for arm in arms:
         curve = {"step": steps, "eps_mse": []}
-        if arm in weighting:
-            curve.update(align_step=align_steps, overall=[])
+        if arm in weighting:  # every check's accuracy at each alignment checkpoint; "overall" is also the target's
+            curve.update(align_step=align_steps, overall=[], alignment={c: [] for c in checks})
         for step in steps:
             evals = [study.evaluation(arm, s, step, arm in weighting and step in align_steps) for s in seeds]
             curve["eps_mse"].append(float(np.mean([e["eps"] for e in evals])))
             curve.setdefault("recovered_gain", []).append(recovered_gain(curve["eps_mse"][-1], teacher_eps, empty_eps))
             if arm in weighting and step in align_steps:
                 curve["overall"].append(float(np.mean(_checks_matrix(evals, "overall"))))
+                for c in checks:
+                    curve["alignment"][c].append(float(np.mean(_checks_matrix(evals, c))))
         results["curves"][arm] = curve
     if weighting:
         target = {"eps_mse": results["curves"][BASELINE]["eps_mse"][-1], "overall": results["curves"][BASELINE]["overall"][-1]}
@@ -280,6 +283,14 @@ def results_markdown(results: dict) -> str:
     if results["curves"]:
         out += ["", f"### Validation epsilon-MSE (and R) at each checkpoint (seed mean; the teacher: "
                     f"{results['final']['teacher']['eps_mse'][0]:.5f})", "", markdown_table(*curve_table(results))]
+    aligned = {a: c for a, c in results["curves"].items() if "alignment" in c}
+    if aligned:
+        teacher = results["final"]["teacher"]
+        out += ["", "### Alignment at each alignment checkpoint (seed mean; the teacher's final first)", "",
+                markdown_table(["arm", "step", *checks],
+                               [["teacher", "-", *(f"{teacher[c][0]:.3f}" for c in checks)]]
+                               + [[arm, str(st), *(f"{curve['alignment'][c][i]:.3f}" for c in checks)]
+                                  for arm, curve in aligned.items() for i, st in enumerate(curve["align_step"])])]
     if results["time_to_target"]:
         t = results["target"]
         rows = []

@@ -81,9 +81,12 @@ def test_study_trains_arms_evaluates_checkpoints_and_writes_tables(quick_assets,
     assert results["time_to_target"]["min-snr"]["eps_mse"]["steps"] <= 2  # the baseline reaches its own final value
     assert len(results["curves"]["dynamic-kl"]["eps_mse"]) == 2  # validation epsilon-MSE at every checkpoint
     assert results["curves"]["dynamic-kl"]["align_step"] == [2] and len(results["curves"]["dynamic-kl"]["overall"]) == 1
-    assert "dynamic-kl - teacher" in results["comparisons"]
+    assert {"dynamic-kl - teacher", "min-snr - teacher"} <= set(results["comparisons"])
+    assert set(results["curves"]["min-snr"]["alignment"]) == set(results["final"]["teacher"]) - {"eps_mse", "recovered_gain"}
+    assert len(results["curves"]["min-snr"]["alignment"]["overall"]) == 1  # every check at each alignment checkpoint
     table = (out / "results.md").read_text()
     assert "Time to reach min-snr's final quality" in table
+    assert "### Alignment at each alignment checkpoint" in table and "| min-snr | 2 |" in table
     assert "| step | min-snr | dynamic-kl |" in table and len(results["curves"]["min-snr"]["eps_mse"]) == 2
     evals = sorted((out / "runs" / "dynamic-kl-s0" / "eval").glob("*.json"))
     assert [p.name for p in evals] == ["seed0-step00000001.json", "seed0-step00000002.json"]
