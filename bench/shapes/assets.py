@@ -1,6 +1,6 @@
-"""`make shapes-assets`: build the shapes benchmark's tiny LM and tiny base model (the weak teacher) from seeds.
+"""Build one shapes assets folder: a tiny LM and a tiny base model (the weak teacher), from seeds.
 
-    python -m bench.shapes.assets [--out assets/shapes] [--seed 0] [--quick] [--force]
+    python -m bench.shapes.assets [--out assets/shapes-bow] [--seed 0] [--quick] [--force]
                                   [--toy-clip FOLDER] [--vae-from BASE_FOLDER]
                                   [--lm-from LM_FOLDER] [--base-from ASSETS_FOLDER] [--holdout pairings|scenes]
                                   [--unet-steps N]
@@ -11,6 +11,10 @@ writes
     <out>/teacher_samples.png  the teacher's first 16 held-out samples, for a look
     <out>/manifest.json      sizes and sha256 of every file, training statistics and times, the LM's
                              perplexities, the VAE round-trip and teacher scores (bench/shapes/scorer.py)
+
+Without part flags it builds the bag-of-words assets (assets/shapes-bow: the study's negative control). The
+shipped assets/shapes (`make shapes-assets`, bench/shapes/shipped.py) are a chain of this command's builds:
+a toy-CLIP base and a binding LM, composed.
 
 Everything is trained here on the CPU from generated scenes (no download), deterministically from
 `--seed` on a given machine and library versions. The folder is built under a temporary sibling and
@@ -50,13 +54,14 @@ import numpy as np
 
 from .splits import HOLDOUTS, HeldOut, holdout_named
 
-__all__ = ["ASSETS_VERSION", "DEFAULT_DIR", "build_assets", "ensure_assets", "holdout_of", "read_manifest",
-           "teacher_kind"]
+__all__ = ["ASSETS_VERSION", "BOW_DIR", "DEFAULT_DIR", "build_assets", "built_for", "ensure_assets", "holdout_of",
+           "read_manifest", "teacher_kind"]
 
 logger = logging.getLogger(__name__)
 
 ASSETS_VERSION = 2  # bump when what the builders make changes, so stale folders are rebuilt
-DEFAULT_DIR = Path("assets/shapes")
+DEFAULT_DIR = Path("assets/shapes")  # the shipped assets: a toy-CLIP base and a binding LM (bench/shapes/shipped.py)
+BOW_DIR = Path("assets/shapes-bow")  # the bag-of-words base and LM this module builds by default: the negative control
 MANIFEST = "manifest.json"
 LM_FOLDER, BASE_FOLDER = "tiny-lm", "tiny-base"
 
@@ -87,8 +92,9 @@ def read_manifest(folder: str | Path) -> dict:
     """The manifest of a finished assets folder; FileNotFoundError with what to run if there is none."""
     path = Path(folder) / MANIFEST
     if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {MANIFEST}: it is not a finished shapes-assets folder; "
-                                f"build it with `make shapes-assets` (python -m bench.shapes.assets --out {folder})")
+        raise FileNotFoundError(f"{folder} has no {MANIFEST}: it is not a finished shapes-assets folder; build it "
+                                f"with `make shapes-assets` (the shipped assets: python -m bench.shapes.shipped --out "
+                                f"{folder}) or `python -m bench.shapes.assets --out {folder}` (the bag-of-words ones)")
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -104,7 +110,7 @@ def holdout_of(folder: str | Path) -> HeldOut:
     return holdout_named(read_manifest(folder).get("holdout", "pairings"))
 
 
-def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = False, force: bool = False,
+def build_assets(out: str | Path = BOW_DIR, seed: int = 0, quick: bool = False, force: bool = False,
                  threads: int = 1, toy_clip: str | Path | None = None, vae_from: str | Path | None = None,
                  lm_from: str | Path | None = None, base_from: str | Path | None = None,
                  holdout: str = "pairings", unet_steps: int | None = None) -> Path:
@@ -187,7 +193,7 @@ def build_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fal
     return out
 
 
-def _built_for(manifest: dict, seed: int, quick: bool) -> bool:
+def built_for(manifest: dict, seed: int, quick: bool) -> bool:
     """Whether a manifest is of this assets version, seed and mode (the key a folder is reused by)."""
     return (manifest.get("version"), manifest.get("seed"), manifest.get("quick")) == (ASSETS_VERSION, seed, quick)
 
@@ -214,7 +220,7 @@ def _check_parts(lm_from, base_from, seed: int, quick: bool, toy_clip, vae_from,
     if holdout != "pairings" and manifest.get("holdout", "pairings") != holdout:
         raise ValueError(f"--base-from {base_from} was built with holdout {manifest.get('holdout', 'pairings')!r}, "
                          f"not {holdout!r}: --base-from keeps the copied base's holdout, drop --holdout")
-    if not _built_for(manifest, seed, quick):
+    if not built_for(manifest, seed, quick):
         raise ValueError(f"--base-from {base_from} holds version {manifest.get('version')} seed {manifest.get('seed')} "
                          f"quick {manifest.get('quick')}, not version {ASSETS_VERSION} seed {seed} quick {quick}: "
                          "give the matching --seed / --quick, or rebuild that folder")
@@ -227,8 +233,12 @@ def ensure_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = Fa
         manifest = read_manifest(out)
     except FileNotFoundError:
         manifest = None
-    if manifest and _built_for(manifest, seed, quick):
+    if manifest and built_for(manifest, seed, quick):
         return out
+    if not quick and out.resolve() == DEFAULT_DIR.resolve():  # the shipped folder is the shipped chain's
+        from .shipped import build_shipped_assets
+
+        return build_shipped_assets(out, seed=seed, force=True)
     if manifest and manifest["base"].get("text_side", "bag-of-words") != "bag-of-words":
         raise ValueError(f"{out} holds assets of another version, seed or mode, built on a toy CLIP teacher; "
                          f"rebuild them with `python -m bench.shapes.assets --out {out} --toy-clip FOLDER --force` "
@@ -262,7 +272,7 @@ def _reproducible(threads: int):
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.shapes.assets", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"output folder (default {DEFAULT_DIR})")
+    parser.add_argument("--out", type=Path, default=BOW_DIR, help=f"output folder (default {BOW_DIR})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="miniature untrained models in seconds (tests only)")
     parser.add_argument("--force", action="store_true", help="rebuild even if --out exists")
@@ -272,7 +282,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="train the base UNet on this toy CLIP's frozen text encoder instead of the bag of words "
                              "(a folder made by python -m bench.shapes.toy_clip)")
     parser.add_argument("--vae-from", type=Path, metavar="BASE_FOLDER",
-                        help="reuse this built base's VAE instead of training one (e.g. assets/shapes/tiny-base)")
+                        help=f"reuse this built base's VAE instead of training one (e.g. {BOW_DIR}/tiny-base)")
     parser.add_argument("--lm-from", type=Path, metavar="LM_FOLDER",
                         help="copy this LM (python -m bench.shapes.tiny_lm --out LM_FOLDER) instead of training one")
     parser.add_argument("--base-from", type=Path, metavar="ASSETS_FOLDER",

@@ -15,8 +15,8 @@ study is compared on the same ruler:
   loss moves little between saying nothing and the teacher's best, so R puts an adapter on a 0-to-1 ruler:
   R = 1 is the teacher's level.
 
-The teacher is the base model's own bag-of-words text encoder; an adapter conditions the same frozen
-UNet from the tiny LM's states. Everything runs on the CPU in fp32.
+The teacher is the base model's own frozen text encoder (the shipped base's toy CLIP, or the bag of words of
+assets/shapes-bow); an adapter conditions the same frozen UNet from the tiny LM's states. Everything runs on the CPU in fp32.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ Conditioning = Callable[[list[str]], Callable]
 
 
 def teacher_conditioning(base) -> Conditioning:
-    """The weak teacher: the base model's own text encoder (CLIP-like, bag of words), fixed over t."""
+    """The weak teacher: the base model's own text encoder (a toy CLIP or a bag of words), fixed over t."""
     def conditioning(prompts: list[str]):
         context, pooled = base.encode_clip(prompts, "cpu")
         return lambda t: (context, pooled)

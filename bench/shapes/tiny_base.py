@@ -26,7 +26,7 @@ UNet and text encoder are trained together from scratch on train-split scenes wi
 training/losses.py) with an EMA of the weights, which matters a lot for a run this short.
 `teacher_scores` samples held-out prompts with DDIM and guidance and scores them.
 
-    folder, stats = build_tiny_base("assets/shapes/tiny-base", BaseConfig(), seed=0)
+    folder, stats = build_tiny_base("assets/shapes-bow/tiny-base", BaseConfig(), seed=0)
 """
 from __future__ import annotations
 
@@ -337,7 +337,7 @@ def load_vae(base_folder: str | Path):
     folder = Path(base_folder) / "vae"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{base_folder} has no vae/config.json: give a tiny base folder, such as "
-                                f"assets/shapes/tiny-base")
+                                f"assets/shapes-bow/tiny-base")
     return AutoencoderKL.from_pretrained(folder, local_files_only=True).eval()
 
 

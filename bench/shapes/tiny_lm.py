@@ -15,24 +15,24 @@ same code path, chat template and user-span search included.
 - Training: next-token prediction on the chat-rendered train captions (what the adapter will feed it),
   loss on the caption's tokens and the closing markers only (the template prefix is constant). The
   reported perplexity is over the same tokens of in-distribution (val) and held-out plain captions.
-- Binding continuations (`LMConfig.binding_continuations`, off in the shipped model): that share of the
+- Binding continuations (`LMConfig.binding_continuations`, off by default): that share of the
   two-object training captions gets a sentence about its scene that only the binding predicts,
   "a red circle and a blue square . the circle is red ." (`binding_continuation`), inside the caption
   span, so the loss covers it. Next-token prediction of captions alone never needs "which colour goes with
   which object"; these questions do. Measured, they teach the LM to look the answer up when asked rather than
   to store the binding in the caption's states (docs/shapes_oracle_probe.md). The adapter sees plain captions.
-- All pairings (`LMConfig.all_pairings`, off in the shipped model): the LM's training text is drawn over every
+- All pairings (`LMConfig.all_pairings`, off by default): the LM's training text is drawn over every
   colour-shape pairing and relation, the held-out ones included, as a real LLM's pretraining text mentions
   white triangles whatever a diffusion dataset holds out. The images (UNet, adapter data) keep the split.
   Without it, an LM can answer "the triangle is" from the colours triangles had in training instead of
   reading the caption, and held-out pairings are exactly where that memorised prior is wrong.
-- Binding auxiliary loss (`LMConfig.binding_aux`, off in the shipped model): a linear head on the last block's
-  state at each noun of a two-object caption predicts that object's colour, trained with the LM and thrown
-  away after. It asks the caption's own states, the ones the adapter reads, to hold the binding, where real
+- Binding auxiliary loss (`LMConfig.binding_aux`, off by default; the shipped assets' LM is trained with it at
+  1.0, bench/shapes/shipped.py): a linear head on the last block's state at each noun of a two-object caption
+  predicts that object's colour, trained with the LM and thrown away after. It asks the caption's own states, the ones the adapter reads, to hold the binding, where real
   LLMs are known to keep it. Labels exist only for pairings outside the held-out split, so a probe's score on
   held-out pairings (bench.shapes.probe) still measures a binding the LM computes, not one it was shown.
 
-    folder, stats = build_tiny_lm("assets/shapes/tiny-lm", LMConfig(), seed=0)
+    folder, stats = build_tiny_lm("assets/shapes-bow/tiny-lm", LMConfig(), seed=0)
     python -m bench.shapes.tiny_lm --out outputs/tiny-lm-binding --binding-continuations 0.5 [--steps 600]
     python -m bench.shapes.tiny_lm --out outputs/tiny-lm-aux --binding-aux 1.0 [--all-pairings]
 """
@@ -70,7 +70,8 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class LMConfig:
-    """Sizes and training budget. The defaults are the shipped model; `quick()` is for tests (seconds)."""
+    """Sizes and training budget. The defaults are the bag-of-words assets' LM (the shipped LM: binding_aux 1.0 and
+    2,000 steps, bench/shapes/shipped.py); `quick()` is for tests (seconds)."""
 
     hidden_size: int = 128
     intermediate_size: int = 256
@@ -83,7 +84,7 @@ class LMConfig:
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 30
-    # share of the training captions that get a binding continuation (0 = plain captions, the shipped model)
+    # share of the training captions that get a binding continuation (0 = plain captions, the default)
     binding_continuations: float = 0.0
     # loss weight of a continuation's answer word against 1 for every other token: about 1 token in 20 is an
     # answer, the only one that needs the binding, so at 1 its signal is a few percent of the loss
@@ -297,7 +298,7 @@ def train_lm(model, tokenizer, captions: list[str], config: LMConfig, seed: int)
         batch = _batch(tokenizer, [captions[i] for i in picks], config.answer_weight, binding_labels=head is not None)
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
                     output_hidden_states=head is not None)
-        # the model's own loss unless answers are weighted, so the shipped LM is built as it always was
+        # the model's own loss unless answers are weighted, so the default LM is built as it always was
         loss = out.loss if config.answer_weight == 1 else weighted_loss(out.logits, batch)
         if head is not None:
             # hidden_states[-1] is the last block's state after the final norm: a per-feature rescaling of what

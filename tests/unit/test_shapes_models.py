@@ -178,17 +178,19 @@ def test_build_refuses_to_overwrite(assets):
         build_assets(assets, quick=True)
 
 
-def test_shipped_assets_match_their_manifest_and_this_version():
-    """assets/shapes (what `make demo` uses without an hour-long build) is complete, unaltered and current."""
+@pytest.mark.parametrize("folder, command", [("DEFAULT_DIR", "make shapes-assets"), ("BOW_DIR", "make shapes-assets-bow")])
+def test_shipped_assets_match_their_manifest_and_this_version(folder, command):
+    """assets/shapes (what `make demo` uses without an hour-long build) and assets/shapes-bow (the negative
+    control) are complete, unaltered and current."""
     import hashlib
     from pathlib import Path
 
-    from bench.shapes.assets import DEFAULT_DIR
+    from bench.shapes import assets
 
-    root = Path(__file__).resolve().parents[2] / DEFAULT_DIR
+    root = Path(__file__).resolve().parents[2] / getattr(assets, folder)
     manifest = read_manifest(root)
     assert (manifest["version"], manifest["seed"], manifest["quick"]) == (ASSETS_VERSION, 0, False), \
-        "assets/shapes is stale: rebuild it with `make shapes-assets` and commit it"
+        f"{root.name} is stale: rebuild it with `{command}` and commit it"
     on_disk = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "manifest.json")
     assert on_disk == sorted(manifest["files"])
     for name, entry in manifest["files"].items():

@@ -112,7 +112,7 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     (the UNet learnt to read it, it did not learn with it), its VAE is B's, and the manifest says so."""
     from safetensors.torch import load_file
 
-    from bench.shapes.assets import (ASSETS_VERSION, BASE_FOLDER, DEFAULT_DIR, build_assets, ensure_assets,
+    from bench.shapes.assets import (ASSETS_VERSION, BASE_FOLDER, BOW_DIR, build_assets, ensure_assets,
                                      holdout_of, read_manifest, teacher_kind)
     from bench.shapes.splits import HOLDOUTS
     from bench.shapes.toy_clip import save, train_toy_clip
@@ -145,7 +145,7 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     assert manifest["holdout"] == manifest["base"]["config"]["holdout"] == "scenes"
     assert manifest["base"]["config"]["unet_steps"] == 2 and manifest["base"]["unet"]["first_loss"] > 0
     assert holdout_of(out) is HOLDOUTS["scenes"] and holdout_of(reference) is HOLDOUTS["pairings"]
-    assert holdout_of(DEFAULT_DIR) is HOLDOUTS["pairings"]  # the shipped manifest predates the field
+    assert holdout_of(BOW_DIR) is HOLDOUTS["pairings"]  # the bag-of-words manifest predates the field
     assert (teacher_kind(out), teacher_kind(reference)) == ("toy CLIP", "bag of words")  # what reports call the teacher
     assert ensure_assets(out, quick=True) == out  # a finished toy-CLIP folder is reused as it is
     with pytest.raises(ValueError, match="--toy-clip"):
