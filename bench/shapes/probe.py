@@ -9,8 +9,9 @@ the probe reads the encoder's state at that object's noun token (the shape word;
 order the caption mentions them) and predicts the object's colour, one of six, with a multinomial logistic
 regression (standardised features, L2). It is trained on train-split captions and scored on held-out-split
 captions; `heldout pairs` scores only the objects whose colour-shape pairing never occurs in training
-("white triangle"), the compositional case. `--holdout scenes` draws both from that design of the split
-(bench/shapes/splits.py): held-out pairings then occur in training captions, alone only. A state that is a
+("white triangle"), the compositional case. Both come from the --assets base's design of the split (`--holdout`
+overrides it; bench/shapes/splits.py): with "scenes", the shipped one, held-out pairings occur in training
+captions, alone only. A state that is a
 function of its own token id (the bag-of-words base) can only guess from the shape: near chance. A state that
 mixed in its context can bind.
 
@@ -223,8 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--offset", type=int, default=0,
                         help="read the state this many tokens after each noun (0: at the noun)")
     parser.add_argument("--out", type=Path, default=None, help="write results.json and results.md here")
-    parser.add_argument("--holdout", choices=HOLDOUTS, default="pairings",
-                        help="the split design train and held-out captions come from (bench/shapes/splits.py)")
+    parser.add_argument("--holdout", choices=HOLDOUTS, default=None,
+                        help="the split design train and held-out captions come from (bench/shapes/splits.py; "
+                             "default: the --assets base's own, or pairings without assets)")
     args = parser.parse_args(argv)
     if not args.readers and not args.toy_clip:
         parser.error("nothing to probe: give --readers and/or --toy-clip FOLDER")
@@ -248,11 +250,14 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(f"{folder} is not a toy CLIP folder (no text_encoder/config.json): train one with "
                          f"`python -m bench.shapes.toy_clip --out {folder}`")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from .assets import BASE_FOLDER, LM_FOLDER
+    from .assets import BASE_FOLDER, LM_FOLDER, holdout_of
     from .report import markdown_table
     from .scenes import generate
 
-    heldout = holdout_named(args.holdout)
+    if args.holdout is not None:
+        heldout = holdout_named(args.holdout)
+    else:
+        heldout = holdout_of(args.assets) if (args.assets / "manifest.json").is_file() else holdout_named("pairings")
     torch.set_num_threads(1)
     train = binding_objects([s.caption for s in generate("train", args.train, args.seed, heldout)])
     test = binding_objects([s.caption for s in generate("heldout", args.test, args.seed, heldout)])
@@ -275,7 +280,8 @@ def main(argv: list[str] | None = None) -> dict:
          for n, r in results.items()])
     where = "at its noun" if args.offset == 0 else f"{args.offset} token(s) after its noun"
     text = (f"Colour of each object from the state {where}, {results[next(iter(results))]['train_objects']} "
-            f"train objects, {results[next(iter(results))]['test_objects']} held-out objects (chance 1/6 = 0.167).\n\n"
+            f"train objects, {results[next(iter(results))]['test_objects']} held-out objects of the \"{heldout.name}\" "
+            "split (chance 1/6 = 0.167).\n\n"
             + table + "\n")
     print(text)
     if args.out:

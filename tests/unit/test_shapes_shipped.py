@@ -101,3 +101,13 @@ def test_the_shipped_assets_are_the_shipped_chains_toy_clip_base_and_binding_lm(
     assert manifest["lm"]["config"] == dataclasses.asdict(shipped.BINDING_LM)
     assert same_weights(repo / DEFAULT_DIR / BASE_FOLDER / "vae", repo / BOW_DIR / BASE_FOLDER / "vae")  # reused
     assert manifest["composed_from"] == {"lm": str(shipped.WORK_DIR / "lm"), "base": str(shipped.WORK_DIR / "base")}
+
+
+def test_the_probe_draws_its_captions_from_the_assets_own_split(bow, tmp_path, capsys):
+    from bench.shapes.probe import main as probe
+
+    out = shipped.build_shipped_assets(tmp_path / "assets", bow, tmp_path / "work", quick=True)
+    probe(["--assets", str(out), "--readers", "base", "--train", "60", "--test", "30"])
+    assert 'held-out objects of the "scenes" split' in capsys.readouterr().out
+    probe(["--assets", str(out), "--readers", "base", "--train", "60", "--test", "30", "--holdout", "pairings"])
+    assert 'held-out objects of the "pairings" split' in capsys.readouterr().out
