@@ -1,12 +1,14 @@
 """Where an adapter's conditioning stands against the teacher's: validation epsilon-MSE and context statistics.
 
-    python -m bench.shapes.diagnose [--assets assets/shapes] [ADAPTER ...]
+    python -m bench.shapes.diagnose [--assets assets/shapes] [--split val|heldout] [ADAPTER ...]
 
 ADAPTER is an exported `adapter.safetensors`, a run folder (its `adapter.safetensors`) or a training
-checkpoint folder (`<run>/checkpoints/step-N`, its EMA weights). Rows, all on the same fixed val triplets
-(evaluate.make_triplets) and the captions of those triplets:
+checkpoint folder (`<run>/checkpoints/step-N`, its EMA weights). Rows, all on the same fixed triplets
+(evaluate.make_triplets) of val scenes, or with `--split heldout` of held-out scenes (the assets' split: do the
+adapter's contexts fit the noise of combinations it never trained on as well as the teacher's?), and the
+captions of those triplets:
 
-- teacher       the base model's own bag-of-words text encoder
+- teacher       the base model's own text encoder (a toy CLIP or a bag of words)
 - empty prompt  that encoder on "" for every caption: a conditioning that says nothing. An adapter whose
                 epsilon-MSE is above this row is worse than no prompt at all.
 - each ADAPTER  through the trainer's code path (evaluate.adapter_conditioning)
@@ -60,15 +62,15 @@ def context_stats(context) -> dict[str, float]:
             "token_std": float(context.std(dim=1).mean())}
 
 
-def diagnose(assets: Path, adapters: list[Path], triplets: int = 256) -> list[dict]:
-    """One row per conditioning: name, eps_mse, rms, offset_rms, token_std."""
+def diagnose(assets: Path, adapters: list[Path], triplets: int = 256, split: str = "val") -> list[dict]:
+    """One row per conditioning: name, eps_mse (on `split` triplets), rms, offset_rms, token_std."""
     import torch
 
     from . import evaluate as ev
     from .assets import holdout_of
 
     base, llm = ev.load_base_and_llm(assets)
-    data = ev.make_triplets(base, n=triplets, heldout=holdout_of(assets))
+    data = ev.make_triplets(base, n=triplets, split=split, heldout=holdout_of(assets))
     teacher = ev.teacher_conditioning(base)
 
     arms = {"teacher": teacher, "empty prompt": ev.empty_conditioning(base)}
@@ -89,7 +91,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(prog="python -m bench.shapes.diagnose", description=__doc__.split("\n\n")[0])
     parser.add_argument("adapters", nargs="*", type=Path, help="adapter files, run folders or checkpoint folders")
     parser.add_argument("--assets", type=Path, default=Path("assets/shapes"))
-    parser.add_argument("--triplets", type=int, default=256, help="fixed val triplets (default 256, as the study)")
+    parser.add_argument("--triplets", type=int, default=256, help="fixed triplets (default 256, as the study)")
+    parser.add_argument("--split", choices=("val", "heldout"), default="val",
+                        help="the scenes the triplets come from (default val, as the study and the demo)")
     args = parser.parse_args(argv)
     if args.triplets < 1:
         parser.error(f"--triplets must be at least 1, got {args.triplets}")
@@ -100,8 +104,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from .report import markdown_table
 
     torch.set_num_threads(1)
-    rows = diagnose(args.assets, args.adapters, args.triplets)
-    print(markdown_table(["conditioning", "val eps-MSE", "R", "rms", "offset rms", "token std"],
+    rows = diagnose(args.assets, args.adapters, args.triplets, args.split)
+    print(markdown_table(["conditioning", f"{args.split} eps-MSE", "R", "rms", "offset rms", "token std"],
                          [[r["name"], f"{r['eps_mse']:.5f}", f"{r['recovered_gain']:.3f}", f"{r['rms']:.3f}", f"{r['offset_rms']:.3f}",
                            f"{r['token_std']:.3f}"] for r in rows]))
     return rows

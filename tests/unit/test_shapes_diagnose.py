@@ -41,3 +41,15 @@ def test_what_is_not_an_adapter_is_refused_with_the_reason(tmp_path, name, conte
         path.write_bytes(content)
     with pytest.raises(SystemExit, match=message):
         load_any_adapter(path, llm=None)
+
+
+def test_split_heldout_scores_the_triplets_of_held_out_scenes(capsys):
+    """The same rows on triplets of held-out scenes, named in the table."""
+    from bench.shapes.assets import ASSETS_VERSION, ensure_assets
+    from devkit.cache import cache_dir
+
+    assets = ensure_assets(cache_dir() / f"shapes-assets-quick-v{ASSETS_VERSION}", seed=0, quick=True)
+    val, heldout = (main(["--assets", str(assets), "--triplets", "8", "--split", split]) for split in ("val", "heldout"))
+    assert "| conditioning | heldout eps-MSE |" in capsys.readouterr().out
+    assert [r["name"] for r in heldout] == ["teacher", "empty prompt"]
+    assert val[0]["eps_mse"] != heldout[0]["eps_mse"]  # other scenes, other numbers
