@@ -1,6 +1,6 @@
 """Where an adapter's conditioning stands against the teacher's: validation epsilon-MSE and context statistics.
 
-    python -m bench.shapes.diagnose [--assets assets/shapes] [--split val|heldout] [ADAPTER ...]
+    python -m bench.shapes.diagnose [--assets assets/shapes] [--split val|heldout] [--alignment N] [ADAPTER ...]
 
 ADAPTER is an exported `adapter.safetensors`, a run folder (its `adapter.safetensors`) or a training
 checkpoint folder (`<run>/checkpoints/step-N`, its EMA weights). Rows, all on the same fixed triplets
@@ -19,6 +19,10 @@ Context statistics (over captions, tokens and channels of the [N, C] cross-atten
 `rms` the context's size; `offset rms` the RMS of the per-channel mean (the part every token shares);
 `token std` the spread across the N tokens of one caption (near 0: every token says the same thing).
 These are the figures that found the two adapter-initialisation faults (see LLMDiffAdapter.start_at).
+
+`--alignment N` also samples N held-out prompts with each conditioning (DDIM 25, guidance 4, noise seed 0, the
+study's settings) and prints the scorer's accuracy per check, with each adapter's difference from the teacher
+(95% paired bootstrap interval over prompts).
 """
 from __future__ import annotations
 
@@ -62,16 +66,20 @@ def context_stats(context) -> dict[str, float]:
             "token_std": float(context.std(dim=1).mean())}
 
 
-def diagnose(assets: Path, adapters: list[Path], triplets: int = 256, split: str = "val") -> list[dict]:
-    """One row per conditioning: name, eps_mse (on `split` triplets), rms, offset_rms, token_std."""
+def diagnose(assets: Path, adapters: list[Path], triplets: int = 256, split: str = "val",
+             alignment: int = 0) -> list[dict]:
+    """One row per conditioning: name, eps_mse (on `split` triplets), rms, offset_rms, token_std, and with
+    `alignment` N, checks: the scorer's per-prompt checks of N held-out prompts."""
     import torch
 
     from . import evaluate as ev
     from .assets import holdout_of
+    from .scenes import heldout_prompts
 
     base, llm = ev.load_base_and_llm(assets)
     data = ev.make_triplets(base, n=triplets, split=split, heldout=holdout_of(assets))
     teacher = ev.teacher_conditioning(base)
+    prompts = heldout_prompts(alignment, heldout=holdout_of(assets)) if alignment else []
 
     arms = {"teacher": teacher, "empty prompt": ev.empty_conditioning(base)}
     for path in adapters:
@@ -82,6 +90,8 @@ def diagnose(assets: Path, adapters: list[Path], triplets: int = 256, split: str
             context, _ = conditioning(data.captions)(torch.full((len(data.captions),), STATS_TIMESTEP))
             rows.append({"name": name, "eps_mse": float(ev.eps_mse(base, conditioning, data).mean()),
                          **context_stats(context)})
+            if alignment:
+                rows[-1]["checks"] = ev.alignment(base, conditioning, prompts, seed=0)[1]
     for row in rows:
         row["recovered_gain"] = ev.recovered_gain(row["eps_mse"], rows[0]["eps_mse"], rows[1]["eps_mse"])
     return rows
@@ -94,9 +104,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--triplets", type=int, default=256, help="fixed triplets (default 256, as the study)")
     parser.add_argument("--split", choices=("val", "heldout"), default="val",
                         help="the scenes the triplets come from (default val, as the study and the demo)")
+    parser.add_argument("--alignment", type=int, default=0, metavar="N",
+                        help="also sample N held-out prompts per conditioning and score them (default 0: off)")
     args = parser.parse_args(argv)
     if args.triplets < 1:
         parser.error(f"--triplets must be at least 1, got {args.triplets}")
+    if args.alignment < 0:
+        parser.error(f"--alignment is a number of prompts (0: off), got {args.alignment}")
     if not (args.assets / "manifest.json").is_file():
         parser.error(f"{args.assets} holds no shapes assets (no manifest.json): run `make shapes-assets` first")
     import torch
@@ -104,11 +118,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from .report import markdown_table
 
     torch.set_num_threads(1)
-    rows = diagnose(args.assets, args.adapters, args.triplets, args.split)
+    rows = diagnose(args.assets, args.adapters, args.triplets, args.split, args.alignment)
     print(markdown_table(["conditioning", f"{args.split} eps-MSE", "R", "rms", "offset rms", "token std"],
                          [[r["name"], f"{r['eps_mse']:.5f}", f"{r['recovered_gain']:.3f}", f"{r['rms']:.3f}", f"{r['offset_rms']:.3f}",
                            f"{r['token_std']:.3f}"] for r in rows]))
+    if args.alignment:
+        print(f"\nHeld-out alignment, {args.alignment} prompts (accuracy; adapters: minus the teacher [95% CI]):\n")
+        print(alignment_table(rows))
     return rows
+
+
+def alignment_table(rows: list[dict]) -> str:
+    """Accuracy per check of every row, and each adapter's paired difference from the teacher (rows[0])."""
+    import numpy as np
+
+    from .report import markdown_table
+    from .stats import paired_ci
+
+    checks = sorted({k for c in rows[0]["checks"] for k in c}, key=lambda k: (k == "overall", k))
+
+    def values(row, check):  # the prompts where `check` applies (the same prompts for every row)
+        return np.array([c[check] for c in row["checks"] if check in c], dtype=np.float64)
+
+    cells = []
+    for row in rows:
+        cells.append([row["name"], *(f"{values(row, c).mean():.3f}" if row is rows[0] or row["name"] == "empty prompt"
+                                     else "{:.3f} ({:+.3f} [{:+.3f}, {:+.3f}])".format(
+                                         values(row, c).mean(), *paired_ci(values(row, c), values(rows[0], c)))
+                                     for c in checks)])
+    return markdown_table(["conditioning", *checks], cells)
 
 
 if __name__ == "__main__":

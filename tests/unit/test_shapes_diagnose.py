@@ -53,3 +53,21 @@ def test_split_heldout_scores_the_triplets_of_held_out_scenes(capsys):
     assert "| conditioning | heldout eps-MSE |" in capsys.readouterr().out
     assert [r["name"] for r in heldout] == ["teacher", "empty prompt"]
     assert val[0]["eps_mse"] != heldout[0]["eps_mse"]  # other scenes, other numbers
+
+
+def test_alignment_samples_held_out_prompts_and_pairs_every_adapter_with_the_teacher(capsys):
+    from bench.shapes.assets import ASSETS_VERSION, ensure_assets
+    from bench.shapes.diagnose import alignment_table
+    from devkit.cache import cache_dir
+
+    assets = ensure_assets(cache_dir() / f"shapes-assets-quick-v{ASSETS_VERSION}", seed=0, quick=True)
+    rows = main(["--assets", str(assets), "--triplets", "4", "--alignment", "3"])
+    assert "Held-out alignment, 3 prompts" in capsys.readouterr().out
+    assert all(len(r["checks"]) == 3 for r in rows)
+    adapter = {**rows[0], "name": "an adapter", "checks": [{**c, "overall": True} for c in rows[0]["checks"]]}
+    table = alignment_table([rows[0], rows[1], adapter])
+    teacher_overall = sum(c["overall"] for c in rows[0]["checks"]) / 3
+    assert "| an adapter |" in table and f"1.000 ({1 - teacher_overall:+.3f} [" in table
+    with pytest.raises(SystemExit):
+        main(["--assets", str(assets), "--alignment", "-1"])
+    assert "--alignment is a number of prompts" in capsys.readouterr().err
