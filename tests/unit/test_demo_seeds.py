@@ -38,13 +38,16 @@ def test_a_seed_is_read_back_only_for_the_asked_split_and_the_report_names_it(tm
 
     from bench import demo
     from bench.demo_seeds import main
+    from bench.shapes.assets import DEFAULT_DIR, holdout_of
 
     calls = []
+    holdout = holdout_of(DEFAULT_DIR).name  # what the demo records for the default assets
 
     def fake_demo(argv):
         out = tmp_path / argv[argv.index("--out") + 1]
         calls.append(argv)
-        (out / "metrics.json").write_text(json.dumps({**_metrics([0.0, 1.0], [1.0, 1.0], 1.0), "split": "val"}))
+        (out / "metrics.json").write_text(json.dumps({**_metrics([0.0, 1.0], [1.0, 1.0], 1.0), "split": "val",
+                                                      "holdout": holdout}))
 
     for seed in (0, 1):
         (tmp_path / f"s{seed}").mkdir()
@@ -57,7 +60,8 @@ def test_a_seed_is_read_back_only_for_the_asked_split_and_the_report_names_it(tm
     main(["--seeds", "0", "1", "--split", "val", "--out", str(tmp_path)])  # now found: nothing reruns
     assert calls == []
     stale = json.loads((tmp_path / "s1" / "metrics.json").read_text())
-    (tmp_path / "s1" / "metrics.json").write_text(json.dumps({**stale, "holdout": "scenes"}))  # other assets' split
+    other = "pairings" if holdout == "scenes" else "scenes"
+    (tmp_path / "s1" / "metrics.json").write_text(json.dumps({**stale, "holdout": other}))  # other assets' split
     main(["--seeds", "0", "1", "--split", "val", "--out", str(tmp_path)])
     assert [c[c.index("--seed") + 1] for c in calls] == ["1"]
 
