@@ -227,7 +227,8 @@ def _check_parts(lm_from, base_from, seed: int, quick: bool, toy_clip, vae_from,
 
 
 def ensure_assets(out: str | Path = DEFAULT_DIR, seed: int = 0, quick: bool = False) -> Path:
-    """`out` if it holds finished assets of this version, seed and mode; otherwise build them there."""
+    """`out` if it holds finished assets of this version, seed and mode; otherwise build them there: the shipped
+    folder (DEFAULT_DIR) with the shipped chain (bench/shapes/shipped.py), any other with build_assets."""
     out = Path(out)
     try:
         manifest = read_manifest(out)

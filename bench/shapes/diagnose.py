@@ -140,13 +140,13 @@ def alignment_table(rows: list[dict]) -> str:
     def values(row, check):  # the prompts where `check` applies (the same prompts for every row)
         return np.array([c[check] for c in row["checks"] if check in c], dtype=np.float64)
 
-    cells = []
-    for row in rows:
-        cells.append([row["name"], *(f"{values(row, c).mean():.3f}" if row is rows[0] or row["name"] == "empty prompt"
-                                     else "{:.3f} ({:+.3f} [{:+.3f}, {:+.3f}])".format(
-                                         values(row, c).mean(), *paired_ci(values(row, c), values(rows[0], c)))
-                                     for c in checks)])
-    return markdown_table(["conditioning", *checks], cells)
+    def cell(row, check):
+        mean = values(row, check).mean()
+        if row is rows[0] or row["name"] == "empty prompt":
+            return f"{mean:.3f}"
+        return "{:.3f} ({:+.3f} [{:+.3f}, {:+.3f}])".format(mean, *paired_ci(values(row, check), values(rows[0], check)))
+
+    return markdown_table(["conditioning", *checks], [[row["name"], *(cell(row, c) for c in checks)] for row in rows])
 
 
 if __name__ == "__main__":

@@ -95,6 +95,9 @@ def build_shipped_assets(out: str | Path = DEFAULT_DIR, bow: str | Path = BOW_DI
     import torch
 
     out, work = Path(out), Path(work)
+    if len({out.resolve(), Path(bow).resolve(), work.resolve()}) < 3:
+        raise ValueError(f"--out {out}, --bow {bow} and --work {work} must be three different folders "
+                         "(--force empties --work and replaces --out)")
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists; pass --force to rebuild it, or use it as it is")
     toy_config, unet_steps, lm_config = _quick_parts(seed) if quick else (
@@ -136,10 +139,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.out.exists() and not args.force:
         parser.error(f"{args.out} already exists; pass --force to rebuild it, or use it as it is")
-    if args.out.resolve() in (args.bow.resolve(), args.work.resolve()):
-        parser.error(f"--out {args.out} must be another folder than --bow and --work")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    out = build_shipped_assets(args.out, args.bow, args.work, seed=args.seed, force=args.force, quick=args.quick)
+    try:
+        out = build_shipped_assets(args.out, args.bow, args.work, seed=args.seed, force=args.force, quick=args.quick)
+    except ValueError as error:
+        parser.error(str(error))
     teacher = read_manifest(out)["base"]["teacher"]["heldout"]
     print(f"wrote {out}; teacher (toy CLIP) on held-out prompts: "
           + ", ".join(f"{k} {v:.3f}" for k, v in teacher.items() if k != "n"))

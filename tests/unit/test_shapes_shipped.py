@@ -70,7 +70,8 @@ def test_a_second_build_reuses_the_finished_parts_of_its_recipe_and_force_rebuil
 def test_the_command_line_refuses_to_overwrite_or_to_write_over_its_parts(bow, tmp_path, capsys):
     (tmp_path / "assets").mkdir()
     for argv, message in (([], "already exists; pass --force"),
-                          (["--force", "--bow", str(tmp_path / "assets")], "must be another folder")):
+                          (["--force", "--bow", str(tmp_path / "assets")], "must be three different folders"),
+                          (["--force", "--bow", str(tmp_path / "work")], "must be three different folders")):
         with pytest.raises(SystemExit):
             shipped.main(["--out", str(tmp_path / "assets"), "--work", str(tmp_path / "work"), "--quick", *argv])
         assert message in capsys.readouterr().err
