@@ -19,7 +19,7 @@ carry the binding. Each step is the command the docs give for it:
 
 About 45 minutes on one core with the bag-of-words base in place (the UNet's 5,000 steps are most of it), two
 and a quarter hours from nothing. Every part is written under a temporary name and renamed when finished, and a
-finished part is reused, so an interrupted build resumes at the part it stopped in; `--force` rebuilds the
+finished part of this recipe is reused, so an interrupted build resumes at the part it stopped in; `--force` rebuilds the
 parts in <work> (not <bow>) and replaces <out>. `--quick` builds the same chain from miniature, untrained parts
 in seconds (tests only).
 """
