@@ -144,7 +144,8 @@ def alignment_table(rows: list[dict]) -> str:
         mean = values(row, check).mean()
         if row is rows[0] or row["name"] == "empty prompt":
             return f"{mean:.3f}"
-        return "{:.3f} ({:+.3f} [{:+.3f}, {:+.3f}])".format(mean, *paired_ci(values(row, check), values(rows[0], check)))
+        difference = paired_ci(values(row, check), values(rows[0], check))
+        return "{:.3f} ({:+.3f} [{:+.3f}, {:+.3f}])".format(mean, *difference)
 
     return markdown_table(["conditioning", *checks], [[row["name"], *(cell(row, c) for c in checks)] for row in rows])
 

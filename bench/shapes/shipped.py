@@ -12,15 +12,15 @@ carry the binding. Each step is the command the docs give for it:
                  control, and the VAE the toy-CLIP base reuses (both bases then share every latent). Shipped;
                  built only when missing or of another version, seed or mode.
 2. toy CLIP      <work>/toy-clip-scenes-h05: `python -m bench.shapes.toy_clip --hard-negatives 0.5 --holdout scenes`
-3. base          <work>/base: `python -m bench.shapes.assets --toy-clip <work>/toy-clip-scenes-h05 --vae-from <bow>/tiny-base
-                 --holdout scenes --unet-steps 5000` (its teacher scores are measured here)
+3. base          <work>/base: `python -m bench.shapes.assets --toy-clip <work>/toy-clip-scenes-h05
+                 --vae-from <bow>/tiny-base --holdout scenes --unet-steps 5000` (its teacher scores are measured here)
 4. LM            <work>/lm: `python -m bench.shapes.tiny_lm --binding-aux 1.0 --steps 2000`
 5. compose       <out>: `python -m bench.shapes.assets --lm-from <work>/lm --base-from <work>/base`
 
 About 45 minutes on one core with the bag-of-words base in place (the UNet's 5,000 steps are most of it), two
 and a quarter hours from nothing. Every part is written under a temporary name and renamed when finished, and a
-finished part of this recipe is reused, so an interrupted build resumes at the part it stopped in; `--force` rebuilds the
-parts in <work> (not <bow>) and replaces <out>. `--quick` builds the same chain from miniature, untrained parts
+finished part of this recipe is reused, so an interrupted build resumes at the part it stopped in; `--force`
+rebuilds the parts in <work> (not <bow>) and replaces <out>. `--quick` builds the same chain from miniature, untrained parts
 in seconds (tests only).
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 WORK_DIR = Path("outputs/shapes-build")
 HOLDOUT = "scenes"
-UNET_STEPS = 5000  # twice the bag-of-words base's 2,500: the toy CLIP's teacher then reaches colour 0.81 in distribution
+UNET_STEPS = 5000  # twice the bag-of-words base's 2,500: the teacher then reaches colour 0.8 in distribution
 TOY_CLIP = ToyClipConfig(hard_negatives=0.5, holdout=HOLDOUT)
 BINDING_LM = dataclasses.replace(LMConfig(), binding_aux=1.0, steps=2000)
 
@@ -129,7 +129,8 @@ def build_shipped_assets(out: str | Path = DEFAULT_DIR, bow: str | Path = BOW_DI
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.shapes.shipped", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_DIR, help=f"the assets folder to write (default {DEFAULT_DIR})")
+    parser.add_argument("--out", type=Path, default=DEFAULT_DIR,
+                        help=f"the assets folder to write (default {DEFAULT_DIR})")
     parser.add_argument("--bow", type=Path, default=BOW_DIR,
                         help=f"the bag-of-words assets: reused, or built there first (default {BOW_DIR})")
     parser.add_argument("--work", type=Path, default=WORK_DIR, help=f"the parts' folder (default {WORK_DIR})")
