@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
         parser.error("--seeds: pooling needs at least two seeds (a single one is `python -m bench.demo --seed S`)")
     from bench.shapes.assets import holdout_of
 
-    holdout = holdout_of(args.assets).name if (args.assets / "manifest.json").is_file() else "pairings"
+    holdout = holdout_of(args.assets, if_missing="pairings").name
     metrics = {}
     for seed in seeds:
         folder = args.out / f"s{seed}"

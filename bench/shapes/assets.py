@@ -104,9 +104,12 @@ def teacher_kind(folder: str | Path) -> str:
         else "toy CLIP"
 
 
-def holdout_of(folder: str | Path) -> HeldOut:
+def holdout_of(folder: str | Path, if_missing: str | None = None) -> HeldOut:
     """The held-out split (splits.HeldOut) the assets' base was trained around; folders from before the "scenes"
-    design have no field and are "pairings"."""
+    design have no field and are "pairings". `if_missing`: the split named so when `folder` holds no assets
+    (otherwise read_manifest's FileNotFoundError)."""
+    if if_missing is not None and not (Path(folder) / MANIFEST).is_file():
+        return holdout_named(if_missing)
     return holdout_named(read_manifest(folder).get("holdout", "pairings"))
 
 

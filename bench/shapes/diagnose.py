@@ -77,9 +77,10 @@ def diagnose(assets: Path, adapters: list[Path], triplets: int = 256, split: str
     from .scenes import heldout_prompts
 
     base, llm = ev.load_base_and_llm(assets)
-    data = ev.make_triplets(base, n=triplets, split=split, heldout=holdout_of(assets))
+    heldout = holdout_of(assets)
+    data = ev.make_triplets(base, n=triplets, split=split, heldout=heldout)
     teacher = ev.teacher_conditioning(base)
-    prompts = heldout_prompts(alignment, heldout=holdout_of(assets)) if alignment else []
+    prompts = heldout_prompts(alignment, heldout=heldout) if alignment else []
 
     arms = {"teacher": teacher, "empty prompt": ev.empty_conditioning(base)}
     for path in adapters:

@@ -254,10 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     from .report import markdown_table
     from .scenes import generate
 
-    if args.holdout is not None:
-        heldout = holdout_named(args.holdout)
-    else:
-        heldout = holdout_of(args.assets) if (args.assets / "manifest.json").is_file() else holdout_named("pairings")
+    heldout = holdout_named(args.holdout) if args.holdout else holdout_of(args.assets, if_missing="pairings")
     torch.set_num_threads(1)
     train = binding_objects([s.caption for s in generate("train", args.train, args.seed, heldout)])
     test = binding_objects([s.caption for s in generate("heldout", args.test, args.seed, heldout)])

@@ -66,27 +66,25 @@ def _base_is(folder: Path, seed: int, quick: bool, toy_config: ToyClipConfig, un
             and manifest["base"].get("toy_clip", {}).get("config") == dataclasses.asdict(toy_config))
 
 
-def _toy_clip(dest: Path, config: ToyClipConfig) -> Path:
+def _write_part(dest: Path, write) -> None:
+    """write(folder) into a temporary sibling, then put it at `dest` (replacing a part of another recipe)."""
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    write(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+
+
+def _toy_clip(dest: Path, config: ToyClipConfig) -> None:
     from .toy_clip import save, train_toy_clip
 
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(*train_toy_clip(config), tmp)
-    shutil.rmtree(dest, ignore_errors=True)  # a part of another recipe
-    tmp.rename(dest)
-    return dest
+    _write_part(dest, lambda tmp: save(*train_toy_clip(config), tmp))
 
 
-def _lm(dest: Path, config: LMConfig, seed: int) -> Path:
-    from .tiny_lm import build_tiny_lm
+def _lm(dest: Path, config: LMConfig, seed: int) -> None:
+    from .tiny_lm import build_tiny_lm, save_stats
 
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    _, stats = build_tiny_lm(tmp, config, seed)
-    (tmp / "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")  # what --lm-from reads
-    shutil.rmtree(dest, ignore_errors=True)  # a part of another recipe
-    tmp.rename(dest)
-    return dest
+    _write_part(dest, lambda tmp: save_stats(*build_tiny_lm(tmp, config, seed)))
 
 
 def build_shipped_assets(out: str | Path = DEFAULT_DIR, bow: str | Path = BOW_DIR, work: str | Path = WORK_DIR,

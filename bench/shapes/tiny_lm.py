@@ -354,6 +354,11 @@ def build_tiny_lm(dest: str | Path, config: LMConfig = LMConfig(), seed: int = 0
     return dest, stats
 
 
+def save_stats(folder: str | Path, stats: dict) -> None:
+    """The LM's stats.json beside its weights: what `bench.shapes.assets --lm-from` reads."""
+    (Path(folder) / "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+
+
 @torch.no_grad()
 def continuation_accuracy(model, tokenizer, samples: list[Sample], seed: int) -> float:
     """How often the LM's top next token is the answer word of a held-out scene's binding continuation.
@@ -402,7 +407,7 @@ def main(argv: list[str] | None = None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(1)
     folder, stats = build_tiny_lm(args.out, config, args.seed)
-    (folder / "stats.json").write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
+    save_stats(folder, stats)
     print(json.dumps(stats, indent=1))
     return stats
 

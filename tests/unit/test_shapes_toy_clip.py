@@ -146,6 +146,10 @@ def test_a_base_built_on_a_toy_clip_keeps_it_frozen_and_reuses_the_given_vae(tmp
     assert manifest["base"]["config"]["unet_steps"] == 2 and manifest["base"]["unet"]["first_loss"] > 0
     assert holdout_of(out) is HOLDOUTS["scenes"] and holdout_of(reference) is HOLDOUTS["pairings"]
     assert holdout_of(BOW_DIR) is HOLDOUTS["pairings"]  # the bag-of-words manifest predates the field
+    assert holdout_of(tmp_path / "none", if_missing="pairings") is HOLDOUTS["pairings"]  # a folder without assets
+    assert holdout_of(out, if_missing="pairings") is HOLDOUTS["scenes"]  # ...only then
+    with pytest.raises(FileNotFoundError, match="make shapes-assets"):
+        holdout_of(tmp_path / "none")
     assert (teacher_kind(out), teacher_kind(reference)) == ("toy CLIP", "bag of words")  # what reports call the teacher
     assert ensure_assets(out, quick=True) == out  # a finished toy-CLIP folder is reused as it is
     with pytest.raises(ValueError, match="--toy-clip"):
