@@ -10,15 +10,7 @@ import pytest
 from bench.shapes import shipped
 from bench.shapes.assets import ASSETS_VERSION, BASE_FOLDER, ensure_assets, holdout_of, read_manifest, teacher_kind
 from devkit.cache import cache_dir
-
-
-def same_weights(a, b) -> bool:
-    """Whether two diffusers model folders hold the same tensors (the saved files' bytes may differ)."""
-    import torch
-    from safetensors.torch import load_file
-
-    ours, theirs = (load_file(str(folder / "diffusion_pytorch_model.safetensors")) for folder in (a, b))
-    return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+from support.weights import differing_tensors
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +26,7 @@ def test_the_chain_composes_a_toy_clip_base_on_the_bow_vae_with_a_binding_lm(bow
     assert manifest["lm"]["config"]["binding_aux"] == 1.0
     assert manifest["base"]["toy_clip"]["config"]["hard_negatives"] == shipped.TOY_CLIP.hard_negatives
     assert manifest["composed_from"] == {"lm": str(work / "lm"), "base": str(work / "base")}
-    assert same_weights(out / BASE_FOLDER / "vae", bow / BASE_FOLDER / "vae")  # the bag of words' VAE, reused
+    assert not differing_tensors(out / BASE_FOLDER / "vae", bow / BASE_FOLDER / "vae")  # the bag of words' VAE, reused
     assert not [p.name for p in work.iterdir() if p.name.startswith(".")]  # no part left half-written
     with pytest.raises(FileExistsError, match="--force"):
         shipped.build_shipped_assets(out, bow, work, quick=True)
@@ -100,7 +92,7 @@ def test_the_shipped_assets_are_the_shipped_chains_toy_clip_base_and_binding_lm(
     assert manifest["base"]["toy_clip"]["config"] == dataclasses.asdict(shipped.TOY_CLIP)
     assert manifest["base"]["config"]["unet_steps"] == shipped.UNET_STEPS
     assert manifest["lm"]["config"] == dataclasses.asdict(shipped.BINDING_LM)
-    assert same_weights(repo / DEFAULT_DIR / BASE_FOLDER / "vae", repo / BOW_DIR / BASE_FOLDER / "vae")  # reused
+    assert not differing_tensors(repo / DEFAULT_DIR / BASE_FOLDER / "vae", repo / BOW_DIR / BASE_FOLDER / "vae")
     assert manifest["composed_from"] == {"lm": str(shipped.WORK_DIR / "lm"), "base": str(shipped.WORK_DIR / "base")}
 
 
