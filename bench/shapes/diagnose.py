@@ -1,6 +1,7 @@
 """Where an adapter's conditioning stands against the teacher's: validation epsilon-MSE and context statistics.
 
-    python -m bench.shapes.diagnose [--assets assets/shapes] [--split val|heldout] [--alignment N] [ADAPTER ...]
+    python -m bench.shapes.diagnose [--assets assets/shapes] [--split val|heldout] [--alignment N] [--slots]
+                                    [ADAPTER ...]
 
 ADAPTER is an exported `adapter.safetensors`, a run folder (its `adapter.safetensors`) or a training
 checkpoint folder (`<run>/checkpoints/step-N`, its EMA weights). Rows, all on the same fixed triplets
@@ -19,6 +20,13 @@ Context statistics (over captions, tokens and channels of the [N, C] cross-atten
 `rms` the context's size; `offset rms` the RMS of the per-channel mean (the part every token shares);
 `token std` the spread across the N tokens of one caption (near 0: every token says the same thing).
 These are the figures that found the two adapter-initialisation faults (see LLMDiffAdapter.start_at).
+
+`--slots` adds, per adapter, the teacher's context with only one group of the adapter's slots spliced in, so
+the cost of each group's error shows as its own R: `[words]` the caption's token slots (after the start
+token, before the end-of-text token), `[summary]` the end-of-text slot and the padding after it, which a
+causal text encoder such as CLIP fills with summaries of the whole caption (the base tokenizer's count
+decides which slot is which). The UNet may not add the groups' costs: both rows against the adapter's own
+say whether they do.
 
 `--alignment N` also samples N held-out prompts with each conditioning (DDIM 25, guidance 4, noise seed 0, the
 study's settings) and prints the scorer's accuracy per check, with each adapter's difference from the teacher
@@ -58,6 +66,35 @@ def load_any_adapter(path: Path, llm):
     return adapter
 
 
+SLOT_GROUPS = ("words", "summary")
+
+
+def slot_groups(base, prompts: list[str], slots: int) -> dict[str, "torch.Tensor"]:
+    """{group: bool [len(prompts), slots]} of SLOT_GROUPS, from the base tokenizer's length of each prompt
+    (start token, the words, then end-of-text and padding)."""
+    import torch
+
+    ids = base.tokenizers[0](prompts, truncation=True, max_length=slots).input_ids
+    lengths = torch.tensor([len(row) for row in ids])
+    index = torch.arange(slots)[None, :]
+    return {"words": (index >= 1) & (index < lengths[:, None] - 1), "summary": index >= lengths[:, None] - 1}
+
+
+def spliced(base, teacher, student, group: str):
+    """A conditioning: the teacher's context with the student's slots of `group` (the teacher's pooled vector)."""
+    import torch
+
+    def conditioning(prompts: list[str]):
+        teacher_at, student_at = teacher(prompts), student(prompts)
+
+        def context_at(t):
+            (context, pooled), (student_context, _) = teacher_at(t), student_at(t)
+            take = slot_groups(base, prompts, context.shape[1])[group]
+            return torch.where(take[..., None], student_context.to(context.dtype), context), pooled
+        return context_at
+    return conditioning
+
+
 def context_stats(context) -> dict[str, float]:
     """rms, offset rms and token std of contexts [B, N, C] (see the module docstring)."""
     context = context.float()
@@ -67,9 +104,10 @@ def context_stats(context) -> dict[str, float]:
 
 
 def diagnose(assets: Path, adapters: list[Path], triplets: int = 256, split: str = "val",
-             alignment: int = 0) -> list[dict]:
+             alignment: int = 0, slots: bool = False) -> list[dict]:
     """One row per conditioning: name, eps_mse (on `split` triplets), rms, offset_rms, token_std, and with
-    `alignment` N, checks: the scorer's per-prompt checks of N held-out prompts."""
+    `alignment` N, checks: the scorer's per-prompt checks of N held-out prompts. With `slots`, each adapter's
+    row is followed by one per slot group (`--slots`)."""
     import torch
 
     from . import evaluate as ev
@@ -84,7 +122,9 @@ def diagnose(assets: Path, adapters: list[Path], triplets: int = 256, split: str
 
     arms = {"teacher": teacher, "empty prompt": ev.empty_conditioning(base)}
     for path in adapters:
-        arms[str(path)] = ev.adapter_conditioning(load_any_adapter(path, llm), llm)
+        arms[str(path)] = adapter = ev.adapter_conditioning(load_any_adapter(path, llm), llm)
+        for group in SLOT_GROUPS if slots else ():
+            arms[f"{path} [{group}]"] = spliced(base, teacher, adapter, group)
     rows = []
     with torch.no_grad():
         for name, conditioning in arms.items():
@@ -107,6 +147,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="the scenes the triplets come from (default val, as the study and the demo)")
     parser.add_argument("--alignment", type=int, default=0, metavar="N",
                         help="also sample N held-out prompts per conditioning and score them (default 0: off)")
+    parser.add_argument("--slots", action="store_true",
+                        help="also each adapter's words and summary slots alone in the teacher's context")
     args = parser.parse_args(argv)
     if args.triplets < 1:
         parser.error(f"--triplets must be at least 1, got {args.triplets}")
@@ -119,7 +161,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from .report import markdown_table
 
     torch.set_num_threads(1)
-    rows = diagnose(args.assets, args.adapters, args.triplets, args.split, args.alignment)
+    rows = diagnose(args.assets, args.adapters, args.triplets, args.split, args.alignment, args.slots)
     print(markdown_table(["conditioning", f"{args.split} eps-MSE", "R", "rms", "offset rms", "token std"],
                          [[r["name"], f"{r['eps_mse']:.5f}", f"{r['recovered_gain']:.3f}", f"{r['rms']:.3f}", f"{r['offset_rms']:.3f}",
                            f"{r['token_std']:.3f}"] for r in rows]))

@@ -71,3 +71,29 @@ def test_alignment_samples_held_out_prompts_and_pairs_every_adapter_with_the_tea
     with pytest.raises(SystemExit):
         main(["--assets", str(assets), "--alignment", "-1"])
     assert "--alignment is a number of prompts" in capsys.readouterr().err
+
+
+def test_slots_splice_one_group_of_the_students_slots_into_the_teachers_context():
+    """`--slots`: words are the caption's tokens between start and end-of-text, summary the end-of-text slot and
+    the padding; a spliced context is the student's in that group and the teacher's everywhere else."""
+    from bench.shapes import evaluate as ev
+    from bench.shapes.assets import ASSETS_VERSION, ensure_assets
+    from bench.shapes.diagnose import slot_groups, spliced
+    from devkit.cache import cache_dir
+
+    assets = ensure_assets(cache_dir() / f"shapes-assets-quick-v{ASSETS_VERSION}", seed=0, quick=True)
+    base, _ = ev.load_base_and_llm(assets)
+    prompts = ["a red circle", "a blue square left of a green triangle"]
+    groups = slot_groups(base, prompts, 77)
+    assert groups["words"].sum(dim=1).tolist() == [3, 8]  # one token per word in the toy CLIP's vocabulary
+    assert groups["summary"].sum(dim=1).tolist() == [77 - 4, 77 - 9]  # end-of-text at slot 4 and 9, then padding
+    assert not (groups["words"] & groups["summary"]).any() and not groups["words"][:, 0].any()
+    teacher = ev.teacher_conditioning(base)
+
+    def student(batch):  # a context unlike the teacher's in every slot
+        return lambda t: (teacher(batch)(t)[0] + 1, None)
+    with torch.no_grad():
+        ours, theirs = teacher(prompts)(0)[0], student(prompts)(0)[0]
+        for group, take in groups.items():
+            context = spliced(base, teacher, student, group)(prompts)(0)[0]
+            assert torch.equal(context[take], theirs[take]) and torch.equal(context[~take], ours[~take])
