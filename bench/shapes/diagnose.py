@@ -69,7 +69,7 @@ def load_any_adapter(path: Path, llm):
 SLOT_GROUPS = ("words", "summary")
 
 
-def slot_groups(base, prompts: list[str], slots: int) -> dict[str, "torch.Tensor"]:
+def slot_groups(base, prompts: list[str], slots: int) -> dict:
     """{group: bool [len(prompts), slots]} of SLOT_GROUPS, from the base tokenizer's length of each prompt
     (start token, the words, then end-of-text and padding)."""
     import torch
