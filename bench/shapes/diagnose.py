@@ -84,13 +84,15 @@ def spliced(base, teacher, student, group: str):
     """A conditioning: the teacher's context with the student's slots of `group` (the teacher's pooled vector)."""
     import torch
 
+    slots = base.text_encoders[0].config.max_position_embeddings  # the context length encode_clip pads to
+
     def conditioning(prompts: list[str]):
         teacher_at, student_at = teacher(prompts), student(prompts)
+        take = slot_groups(base, prompts, slots)[group][..., None]  # once per prompts, not at every sampler step
 
         def context_at(t):
             (context, pooled), (student_context, _) = teacher_at(t), student_at(t)
-            take = slot_groups(base, prompts, context.shape[1])[group]
-            return torch.where(take[..., None], student_context.to(context.dtype), context), pooled
+            return torch.where(take, student_context.to(context.dtype), context), pooled
         return context_at
     return conditioning
 
